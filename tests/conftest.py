@@ -1,0 +1,61 @@
+"""Fixtures for real services: SeaweedFS S3 on loopback, multi-node Ray clusters on one machine."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from pipeline.local_services import start_seaweedfs
+from pipeline.sample_data import generate
+from pipeline.storage import S3Settings, Storage
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (`weed mini`) on free loopback ports, keys enforced; stopped by PID."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3):
+    """A new, empty bucket for one test."""
+    name = "t-" + uuid.uuid4().hex[:12]
+    client = S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client()
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_storage(s3) -> Storage:
+    return Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key, "us-east-1"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head and two worker nodes on this machine (ray.cluster_utils.Cluster), one CPU each."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_sets(tmp_path_factory):
+    """One small sample set per layout (same seed, so the same images and labels in each)."""
+    root = tmp_path_factory.mktemp("samples")
+    out = {}
+    for layout in ("folders", "kaggle", "devkit", "tars"):
+        out[layout] = str(root / layout)
+        generate(out[layout], layout, classes=4, train_per_class=6, val_per_class=3, seed=1,
+                 bad_files=True)
+    return out

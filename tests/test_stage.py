@@ -1,0 +1,194 @@
+"""`pipeline stage` end to end: every layout, local and S3 (SeaweedFS), on a 3-node Ray cluster."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PIPELINE, class_from_colour, last_json, read_shard, run_cli, upload_tree
+
+from pipeline.local_services import free_ports
+from pipeline.manifest import read_manifest, sha256_file
+from pipeline.storage import Storage
+
+LAYOUTS = ["folders", "kaggle", "devkit", "tars"]
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 6, 3
+# --bad-files puts png, cmyk, grey, truncated, empty into classes 0,1,2,3,0: the first three are
+# staged as RGB, the last two skipped.
+EXPECTED_TRAIN = [TRAIN_PER_CLASS + 1] * 3 + [TRAIN_PER_CLASS]
+
+
+def download_dataset(storage: Storage, uri: str, to: Path) -> Path:
+    for rel, _ in storage.list(uri):
+        storage.download_file(f"{uri.rstrip('/')}/{rel}", to / rel)
+    return to
+
+
+def check_staged(storage: Storage, dest: str, local_copy: Path, layout: str) -> None:
+    manifest = read_manifest(storage, dest)
+    assert manifest.source["layout"] == layout
+    assert [c.index for c in manifest.classes] == list(range(CLASSES))
+    assert manifest.classes[0].name and manifest.classes[0].wnid.startswith("n")
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest.skipped}
+    assert len(reasons) == 2, manifest.skipped
+    assert any("truncated" in r for r in reasons.values())
+    assert any("empty file" == r for r in reasons.values())
+    assert manifest.splits["train"].samples == sum(EXPECTED_TRAIN)
+    assert manifest.splits["val"].samples == CLASSES * VAL_PER_CLASS
+
+    for split, expected in (("train", EXPECTED_TRAIN), ("val", [VAL_PER_CLASS] * CLASSES)):
+        counts = collections.Counter()
+        agree = total = 0
+        for shard in manifest.splits[split].shards:
+            path = local_copy / shard.path
+            assert path.stat().st_size == shard.bytes
+            assert sha256_file(path) == shard.sha256
+            images, labels = read_shard(str(path))
+            assert len(labels) == shard.samples
+            counts.update(labels.tolist())
+            agree += sum(class_from_colour(im, CLASSES) == lab for im, lab in zip(images, labels))
+            total += len(labels)
+        assert [counts[c] for c in range(CLASSES)] == expected, (split, counts)
+        # The pixels carry their class as colour: labels must match what was staged (the one
+        # greyscale file has no colour to tell).
+        assert agree >= total - 1, (split, agree, total)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stage_layout_to_local_path(layout, sample_sets, ray_cluster, tmp_path):
+    dest = tmp_path / "staged"
+    proc = run_cli("stage", "--source", sample_sets[layout], "--dest", dest, "--shard-size", 7,
+                   "--json", env={"RAY_ADDRESS": ray_cluster.address})
+    summary = last_json(proc.stdout)
+    assert summary["shards_written"] > 0
+    assert summary["skipped"] == 2
+    check_staged(Storage(), str(dest), dest, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stage_layout_s3_to_s3(layout, sample_sets, s3, bucket, s3_storage, ray_cluster, tmp_path):
+    """Source and dest on SeaweedFS; tars are read in place through byte ranges."""
+    src, dest = f"s3://{bucket}/imagenet", f"s3://{bucket}/staged/imagenet-64"
+    upload_tree(s3_storage, sample_sets[layout], src)
+    proc = run_cli("stage", "--source", src, "--dest", dest, "--shard-size", 7, "--json",
+                   env={**s3.env(), "RAY_ADDRESS": ray_cluster.address})
+    summary = last_json(proc.stdout)
+    # 7 shards over three 1-CPU nodes, spread: more than one node did the work.
+    assert summary["nodes"] > 1, summary
+    check_staged(s3_storage, dest, download_dataset(s3_storage, dest, tmp_path / "copy"), layout)
+    assert s3.secret_key not in proc.stdout + proc.stderr
+    assert s3.secret_key not in s3_storage.read_text(f"{dest}/manifest.json")
+
+    # A second run over the complete dest uploads nothing: every object keeps its ETag and time.
+    client = s3_storage.client
+
+    def objects():
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="staged/")
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+
+    before = objects()
+    time.sleep(1.1)  # LastModified has one-second resolution
+    again = last_json(run_cli("stage", "--source", src, "--dest", dest, "--shard-size", 7, "--json",
+                              env={**s3.env(), "RAY_ADDRESS": ray_cluster.address}).stdout)
+    assert again["shards_written"] == 0 and again["shards_reused"] == summary["shards_written"]
+    assert objects() == before
+
+
+def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, tmp_path):
+    src = sample_sets["folders"]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, TQDM_DISABLE="1")
+    args = ["stage", "--source", src, "--shard-size", "1", "--workers", "1", "--json"]
+    reference = tmp_path / "reference"
+    planned = last_json(run_cli(*args, "--dest", reference).stdout)["shards_written"]
+    assert planned == 4 * 6 + 5 + 4 * 3   # one shard per planned image (bad files included)
+
+    dest = tmp_path / "interrupted"
+    proc = subprocess.Popen([PIPELINE, *args, "--dest", str(dest)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(list(dest.glob(".parts/*/*.json"))) < 5:
+        assert proc.poll() is None, "stage finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(dest.glob(".parts/*/*.json")))
+    assert not (dest / "manifest.json").exists()
+    assert done_before < planned
+    # a reader refuses the half-staged dataset
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="manifest.json is missing"):
+        read_manifest(Storage(), str(dest))
+
+    summary = last_json(run_cli(*args, "--dest", dest).stdout)
+    assert summary["shards_reused"] >= done_before - 1   # one may have been mid-write
+    assert summary["shards_written"] + summary["shards_reused"] == planned
+    assert (dest / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+    for shard in reference.glob("*/shard-*.beton"):
+        assert sha256_file(shard) == sha256_file(dest / shard.relative_to(reference))
+
+
+def test_corrupt_shard_is_redone(sample_sets, ray_cluster, tmp_path):
+    dest = tmp_path / "staged"
+    args = ["stage", "--source", sample_sets["devkit"], "--dest", dest, "--shard-size", 10, "--json"]
+    env = {"RAY_ADDRESS": ray_cluster.address}
+    first = last_json(run_cli(*args, env=env).stdout)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    victim = dest / manifest["splits"]["train"]["shards"][1]["path"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF   # same size, one flipped byte: only sha256 can tell
+    victim.write_bytes(bytes(data))
+    (dest / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
+    again = last_json(run_cli(*args, env=env).stdout)
+    assert again["shards_written"] == 2
+    assert again["shards_reused"] == first["shards_written"] - 2
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
+
+def _stage_error(src, dest, env=None, extra=()):
+    proc = run_cli("stage", "--source", src, "--dest", dest, *extra, env=env, check=False,
+                   timeout=120)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_clear_errors_for_bad_local_sources(sample_sets, tmp_path):
+    assert "does not exist" in _stage_error(tmp_path / "nowhere", tmp_path / "d1")
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in _stage_error(tmp_path / "empty", tmp_path / "d2")
+    (tmp_path / "junk" / "stuff").mkdir(parents=True)
+    (tmp_path / "junk" / "stuff" / "a.txt").write_text("x")
+    assert "layout not recognised" in _stage_error(tmp_path / "junk", tmp_path / "d3")
+    # devkit layout without its devkit: flat val images with no labels anywhere
+    nolabels = tmp_path / "nolabels"
+    subprocess.run(["cp", "-r", sample_sets["devkit"], nolabels], check=True)
+    subprocess.run(["rm", "-r", nolabels / "ILSVRC2012_devkit_t12"], check=True)
+    msg = _stage_error(nolabels, tmp_path / "d4")
+    assert "val labels missing" in msg and "--splits train" in msg
+
+
+def test_clear_errors_for_s3_problems(sample_sets, s3, bucket, s3_storage, tmp_path):
+    src = f"s3://{bucket}/imagenet"
+    upload_tree(s3_storage, sample_sets["folders"], src)
+    dest = f"s3://{bucket}/staged"
+    wrong_secret = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret-123"}
+    msg = _stage_error(src, dest, wrong_secret)
+    assert "SignatureDoesNotMatch" in msg and "secret key" in msg
+    assert "not-the-secret-123" not in msg and s3.secret_key not in msg
+    wrong_id = {**s3.env(), "AWS_ACCESS_KEY_ID": "NOSUCHKEY"}
+    assert "InvalidAccessKeyId" in _stage_error(src, dest, wrong_id)
+    assert "does not exist" in _stage_error(src, f"s3://no-such-bucket-{bucket}/x", s3.env())
+    port = free_ports(1)[0]
+    unreachable = {**s3.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    assert "cannot reach the S3 endpoint" in _stage_error(src, dest, unreachable)
+    assert "is empty" in _stage_error(f"s3://{bucket}/nothing-here", dest, s3.env())
