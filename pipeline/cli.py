@@ -65,6 +65,23 @@ def cmd_stage(args) -> int:
     return 0
 
 
+# -- train --------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import TrainConfig, from_args
+    from .train import train
+
+    cfg = from_args(TrainConfig, args)
+    out = train(cfg, storage=_storage(args), ray_address=args.ray_address)
+    print(f"trained {out['name']}: val top-1 {out['val_top1']:.4f}, top-5 {out['val_top5']:.4f} "
+          f"after {out['epochs_completed']} epochs; {out['restarts']} restart(s); "
+          f"checkpoint {out['checkpoint']}")
+    for r in out["recoveries"]:
+        print(f"  recovered from {r['cause']} in {r['seconds']} s")
+    if args.json:
+        _print_json(out)
+    return 0
+
+
 # -- bench --------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from . import bench
@@ -115,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     _s3_flags(p)
     p.set_defaults(fn=cmd_stage)
+
+    from .config import TrainConfig, add_model_flags
+
+    p = sub.add_parser("train", help="train a ResNet on a staged dataset with Ray Train",
+                       description="Fault-tolerant multi-node ResNet training (Ray Train, DDP) "
+                                   "with the FFCV ImageNet recipe. Settings: defaults < --config "
+                                   "FILE.yaml < flags. Re-running with the same --name resumes.")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (data, arch, ...)")
+    add_model_flags(p, TrainConfig)
+    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _s3_flags(p)
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks that print figures",
                        description="Benchmarks: each prints a table and one JSON line.")

@@ -21,4 +21,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address and address != "local":
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard serves the State API that Ray Train's controller polls; keep it, on loopback.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)

@@ -34,19 +34,38 @@ def s3_storage(s3) -> Storage:
     return Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key, "us-east-1"))
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A head and two worker nodes on this machine (ray.cluster_utils.Cluster), one CPU each."""
+def start_cluster(trainer_nodes: int):
+    """A head (1 CPU, where Ray Train's controller lands) and worker nodes with 1 CPU and a
+    `trainer` resource each, all on this machine (ray.cluster_utils.Cluster)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
+    for _ in range(trainer_nodes):
+        cluster.add_node(num_cpus=1, resources={"trainer": 1})
     cluster.wait_for_nodes()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 3-node cluster shared by the tests that do not change its shape."""
+    cluster = start_cluster(2)
     try:
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, ray_cluster):
+    """A small staged dataset that a ResNet-18 learns at 32 px: 4 classes, 150 images each."""
+    from helpers import run_cli
+
+    root = tmp_path_factory.mktemp("train-data")
+    generate(str(root / "src"), "folders", classes=4, train_per_class=150, val_per_class=10, seed=3)
+    run_cli("stage", "--source", root / "src", "--dest", root / "staged", "--max-resolution", 64,
+            "--shard-size", 200, env={"RAY_ADDRESS": ray_cluster.address})
+    return str(root / "staged")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,239 @@
+"""`pipeline train`: launch a fault-tolerant Ray Train (V2) TorchTrainer over a staged dataset."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from ray.train.v2.api.callback import UserCallback
+
+from .config import TrainConfig
+from .errors import UserError
+from .manifest import read_manifest
+from .ray_connect import connect
+from .run_events import RunEvents, recoveries
+from .storage import Storage, is_s3, join, split_s3
+from .trainer import CHECKPOINT_FILE, FAULT_ENV, META_FILE, train_worker
+
+
+def absolute(uri: str) -> str:
+    """Workers chdir into their run folder: local paths must not be relative."""
+    return uri if not uri or is_s3(uri) or uri.startswith("models:/") else str(Path(uri).resolve())
+
+
+def storage_for_ray(storage: Storage, uri: str):
+    """(storage_path, storage_filesystem) for RunConfig. pyarrow ignores AWS_ENDPOINT_URL, so an
+    S3-compatible endpoint has to be handed over explicitly."""
+    if not is_s3(uri):
+        return absolute(uri), None
+    import pyarrow.fs
+
+    s3 = storage.s3
+    kwargs = {"region": s3.region or "us-east-1"}
+    if s3.endpoint_url:
+        scheme, _, host = s3.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if s3.access_key:
+        kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key)
+    bucket, prefix = split_s3(uri)
+    return f"{bucket}/{prefix}".rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def worker_bundle(cfg: TrainConfig) -> dict[str, float]:
+    bundle = {"CPU": float(cfg.cpus_per_worker), **cfg.worker_resources}
+    if cfg.gpus_per_worker:
+        bundle["GPU"] = cfg.gpus_per_worker
+    return bundle
+
+
+def workers_that_fit(bundle: dict[str, float]) -> tuple[int, list[str]]:
+    """How many workers the live nodes can hold at once, and which nodes can hold one."""
+    import ray
+
+    total, nodes = 0, []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        fit = min((int(res.get(k, 0) // v) if v else 10**6) for k, v in bundle.items())
+        if fit > 0:
+            nodes.append(node["NodeID"])
+        total += fit
+    return total, nodes
+
+
+def check_capacity(cfg: TrainConfig, bundle: dict[str, float]) -> list[str]:
+    lo, _ = cfg.workers_range
+    fits, nodes = workers_that_fit(bundle)
+    if fits < lo:
+        need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+        raise UserError(f"--num-workers {cfg.num_workers}: each worker needs {need}, and the "
+                        f"cluster's nodes can hold {fits} such workers; lower --num-workers or "
+                        "--cpus-per-worker/--gpus-per-worker, or add nodes")
+    return nodes
+
+
+def prefetch_data(storage: Storage, cfg: TrainConfig, manifest, nodes: list[str]) -> None:
+    """Copy and verify the shards on every node that can host a worker, before training starts:
+    a corrupt shard is reported once, in words, instead of failing every worker again and again."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .shard_cache import local_split
+
+    def fetch(split):
+        return str(local_split(storage, cfg.data, manifest, split, cfg.cache_dir))
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fetch)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(s)
+            for n in nodes for s in ("train", "val")]
+    ray.get(refs)
+
+
+def load_init_state(storage: Storage, uri: str) -> dict:
+    """Weights to fine-tune from: a checkpoint folder or checkpoint.pt (local or S3), or a
+    registered model (models:/NAME@ALIAS)."""
+    import torch
+
+    if uri.startswith("models:/"):
+        from .registry import load_registered_state
+
+        return load_registered_state(uri)
+    path = uri if uri.endswith(".pt") else join(uri, CHECKPOINT_FILE)
+    if storage.size(path) is None:
+        raise UserError(f"--init-from {uri}: no {CHECKPOINT_FILE} there")
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=False)
+    return state.get("model", state)
+
+
+def checkpoint_uri(checkpoint, storage_uri: str) -> str | None:
+    if checkpoint is None:
+        return None
+    return f"s3://{checkpoint.path}" if is_s3(storage_uri) else checkpoint.path
+
+
+def read_meta(storage: Storage, uri: str | None) -> dict:
+    if not uri:
+        return {}
+    return json.loads(storage.read_bytes(join(uri, META_FILE)))
+
+
+class FailureRecorder(UserCallback):
+    """Ray Train controller callback: note each worker-group failure as a run event."""
+
+    def __init__(self, storage: Storage, run_dir: str):
+        self.storage, self.run_dir = storage, run_dir
+
+    def after_exception(self, run_context, worker_exceptions):
+        errors = "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+                           for r, e in sorted(worker_exceptions.items()))
+        RunEvents(self.storage, self.run_dir).add("failure", error=errors[:500])
+
+
+def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
+    """Turn a Ray Train failure caused by the user's setup into a UserError."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(exc, WorkerGroupError):
+        for err in exc.worker_failures.values():
+            cause = getattr(err, "cause", err)
+            if isinstance(cause, UserError):
+                return cause
+            if isinstance(cause, ValueError) and "lower batch_size" in str(cause):
+                return UserError(f"--batch-size {cfg.batch_size}: {cause}")
+    if isinstance(exc, ControllerError):
+        name = type(exc.controller_failure).__name__
+        if "StartupTimeout" in name or "StartupFailed" in name:
+            return UserError(f"could not place {cfg.num_workers} training workers for "
+                             f"{cfg.resource_wait_minutes:g} minutes (the cluster lost nodes, or "
+                             "never had room); add nodes or lower --num-workers")
+    return exc
+
+
+def worker_env() -> dict[str, str]:
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # our one line per epoch would be logged twice
+    if os.environ.get(FAULT_ENV):   # fault injection for the fault-tolerance tests
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env
+
+
+def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
+          callbacks: list | None = None) -> dict:
+    """Run (or resume, when cfg.name names an unfinished run) and return the final summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = storage or Storage()
+    if not cfg.data:
+        raise UserError("--data is required: the staged dataset (folder or s3:// URI)")
+    cfg = cfg.model_copy(update={"data": absolute(cfg.data), "storage": absolute(cfg.storage),
+                                 "cache_dir": absolute(cfg.cache_dir),
+                                 "init_from": absolute(cfg.init_from),
+                                 "name": cfg.name or f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    manifest = read_manifest(storage, cfg.data)
+    for split in ("train", "val"):
+        if not manifest.splits.get(split) or not manifest.splits[split].shards:
+            raise UserError(f"{cfg.data}: the staged dataset has no '{split}' split")
+    storage.check_bucket(cfg.storage)
+    init_state = load_init_state(storage, cfg.init_from) if cfg.init_from else None
+
+    connect(ray_address)
+    bundle = worker_bundle(cfg)
+    nodes = check_capacity(cfg, bundle)
+    run_dir = join(cfg.storage, cfg.name)
+    events = RunEvents(storage, run_dir)
+    events.add("driver_start")
+    prefetch_data(storage, cfg, manifest, nodes)
+
+    lo, hi = cfg.workers_range
+    storage_path, filesystem = storage_for_ray(storage, cfg.storage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": cfg.model_dump(), "manifest": manifest.model_dump(),
+                           "storage": storage, "run_dir": run_dir, "init_state": init_state},
+        scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi),
+                                     use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=bundle,
+                                     elastic_resize_monitor_interval_s=cfg.elastic_resize_seconds),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures,
+                # each worker-group start waits 60 s for resources; bound the retries so a
+                # cluster that can no longer hold the workers ends the run, in words
+                controller_failure_limit=max(1, math.ceil(cfg.resource_wait_minutes))),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+            callbacks=[FailureRecorder(storage, run_dir), *(callbacks or [])],
+            # Our workers print one line per epoch; Ray's print patch would log each twice.
+            worker_runtime_env={"env_vars": worker_env()},
+            logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - translated or re-raised
+        raise explain_failure(exc, cfg) from exc
+
+    last = checkpoint_uri(result.checkpoint, cfg.storage)
+    best = checkpoint_uri(result.best_checkpoints[0][0], cfg.storage) if result.best_checkpoints else last
+    meta = read_meta(storage, last)
+    metrics = meta.get("metrics", {})
+    history = events.all()
+    starts = [e for e in history if e["kind"] == "start"]
+    return {
+        "name": cfg.name,
+        "val_top1": metrics.get("val_top1"),
+        "val_top5": metrics.get("val_top5"),
+        "epochs_completed": meta.get("epoch", 0),
+        "checkpoint": last,
+        "best_checkpoint": best,
+        "restarts": max(0, len(starts) - 1),
+        "world_sizes": [e.get("world_size") for e in starts],
+        "resumed_from_epoch": starts[-1].get("resumed_from_epoch") if starts else None,
+        "recoveries": recoveries(history),
+        "run_dir": run_dir,
+    }
