@@ -23,8 +23,68 @@ def add_parsers(sub, s3_flags) -> None:
     s3_flags(p)
 
 
+    p = sub.add_parser("loader", help="images/s: our train loader vs bare FFCV vs ImageFolder",
+                       description="Images/s of the project's train pipeline (the node cache as a "
+                                   "worker reads it) vs a bare FFCV Loader over the same .beton, "
+                                   "torchvision ImageFolder + DataLoader (PIL) over the same JPEGs, "
+                                   "and a bare full decode of those JPEGs (the decode limit).")
+    p.add_argument("--source", help="ImageNet folders layout (default: generated sample data)")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--max-resolution", type=int, default=512)
+    p.add_argument("--res", type=int, default=160, help="RandomResizedCrop output size")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, help="loader threads/processes (default: all cores)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per loader (best kept)")
+    p.add_argument("--repeats", type=int, default=1)
+
+    p = sub.add_parser("train", help="s/step under Ray Train vs bare torchrun DDP",
+                       description="Seconds per step for the same model, batch and data under Ray "
+                                   "Train with N workers and under `torchrun --nproc_per_node N`, "
+                                   "interleaved; prints the ratio.")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--res", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per run (after warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+
+
 def main(args) -> int:
-    return {"stage": bench_stage}[args.bench](args)
+    return {"stage": bench_stage, "loader": bench_loader, "train": bench_train}[args.bench](args)
+
+
+def bench_loader(args) -> int:
+    from .bench_loader import run
+
+    rows, threads = run(args)
+    rate = {r["loader"]: r["images_per_s"] for r in rows}
+    ours, ffcv = rate["pipeline TrainLoader (merged cache)"], rate["bare FFCV Loader (same .beton)"]
+    folder, decode = rate["torchvision ImageFolder + DataLoader"], rate["full JPEG decode, no augmentation"]
+    for r in rows:
+        r["x_imagefolder"] = round(r["images_per_s"] / folder, 2)
+    print(_table(rows, ["loader", "images_per_s", "x_imagefolder"]))
+    ratios = {"ours_vs_ffcv": round(ours / ffcv, 3), "ours_vs_imagefolder": round(ours / folder, 2),
+              "ffcv_vs_imagefolder": round(ffcv / folder, 2),
+              "ours_vs_decode_limit": round(ours / decode, 2)}
+    print(f"threads: {threads}, res {args.res}, batch {args.batch_size}; " +
+          ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    print("goals: ours >= 0.95 x bare FFCV and >= 2.5 x ImageFolder")
+    print(json.dumps({"bench": "loader", "threads": threads, "rows": rows, **ratios}))
+    return 0
+
+
+def bench_train(args) -> int:
+    from .bench_train import run
+
+    result = run(args)
+    print(_table(result["rows"], ["launcher", "run", "s_per_step"]))
+    print(f"median s/step: ray {result['ray_s_per_step']:.4f}, torchrun "
+          f"{result['torchrun_s_per_step']:.4f}; ray/torchrun = {result['ratio']:.3f} "
+          "(goal <= 1.03)")
+    print(json.dumps({"bench": "train", **result}))
+    return 0
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

@@ -43,8 +43,11 @@ def maybe_inject_fault(epoch: int, step: int, rank: int) -> None:
 
 class ImageNetTrainer:
     def __init__(self, cfg: TrainConfig, train_path: str, val_path: str, classes: list[dict],
-                 rank: int, world: int, device: torch.device):
+                 rank: int, world: int, device: torch.device, wrap_model=None):
         self.cfg, self.classes = cfg, classes
+        self.wrap_model = wrap_model
+        # On CPU, DDP warns once per worker that 1x1-conv gradient strides differ from its buckets.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.rank, self.world, self.device = rank, world, device
         self.global_batch = cfg.batch_size * world
         self.train_loader = self.create_train_loader(train_path)
@@ -90,13 +93,17 @@ class ImageNetTrainer:
         return torch.bfloat16
 
     def create_model(self) -> nn.Module:
-        import ray.train.torch
-
+        """The model on this worker's device, wrapped for DDP (by Ray's prepare_model unless the
+        caller brings its own wrapper, as the torchrun benchmark does)."""
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg.arch, len(self.classes), self.cfg.blurpool)
         if self.device.type == "cuda" and self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return ray.train.torch.prepare_model(model)
+        if self.wrap_model is None:
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(model)
+        return self.wrap_model(model)
 
     @property
     def bare_model(self) -> nn.Module:
@@ -245,8 +252,6 @@ def train_worker(config: dict) -> None:
     from .run_events import RunEvents
     from .shard_cache import local_split
 
-    # On CPU, DDP warns once per worker that 1x1-conv gradient strides differ from its buckets.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     cfg = TrainConfig(**config["train"])
     manifest = ShardManifest.model_validate(config["manifest"])
     storage, events = config["storage"], RunEvents(config["storage"], config["run_dir"])

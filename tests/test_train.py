@@ -69,6 +69,7 @@ def test_worker_exception_restarts_from_last_checkpoint(train_data, ray_cluster,
     assert [r["cause"] for r in out["recoveries"]] == ["worker failure"]
     assert "injected fault" in out["recoveries"][0]["error"]
     assert out["recoveries"][0]["seconds"] > 0
+    print("recoveries:", json.dumps(out["recoveries"]))
 
 
 def _train_workers() -> list[int]:
@@ -91,6 +92,7 @@ def test_worker_killed_with_sigkill_mid_epoch(train_data, ray_cluster, tmp_path)
     assert out["epochs_completed"] == 4 and out["restarts"] >= 1
     assert out["resumed_from_epoch"] >= 1
     assert out["recoveries"] and out["recoveries"][0]["seconds"] > 0
+    print("recoveries:", json.dumps(out["recoveries"]))
 
 
 def test_driver_killed_then_rerun_with_same_name_resumes(train_data, ray_cluster, tmp_path):
@@ -105,6 +107,7 @@ def test_driver_killed_then_rerun_with_same_name_resumes(train_data, ray_cluster
     assert out["epochs_completed"] == 4
     assert out["resumed_from_epoch"] >= 1 and out["restarts"] >= 1
     assert "driver restarted" in [r["cause"] for r in out["recoveries"]]
+    print("recoveries:", json.dumps(out["recoveries"]))
 
 
 def test_node_removed_and_replaced_mid_training(train_data, tmp_path):
@@ -129,6 +132,7 @@ def test_node_removed_and_replaced_mid_training(train_data, tmp_path):
     assert out["epochs_completed"] == 4 and out["restarts"] >= 1
     assert out["resumed_from_epoch"] >= 1
     assert out["recoveries"][0]["seconds"] > 0
+    print("recoveries:", json.dumps(out["recoveries"]))
 
 
 def test_elastic_training_grows_when_a_node_joins(train_data, tmp_path):
