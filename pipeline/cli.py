@@ -20,6 +20,17 @@ def _s3_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-region", help="S3 region")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that run training: where Ray and MLflow are."""
+    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="pipeline", help="MLflow experiment")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _s3_flags(p)
+
+
 def _storage(args):
     from .storage import S3Settings, Storage
 
@@ -70,8 +81,11 @@ def cmd_train(args) -> int:
     from .config import TrainConfig, from_args
     from .train import train
 
-    cfg = from_args(TrainConfig, args)
-    out = train(cfg, storage=_storage(args), ray_address=args.ray_address)
+    from .tracking import Tracking, tracking_uri
+
+    cfg = from_args(TrainConfig, args, "train")
+    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
+    out = train(cfg, storage=_storage(args), ray_address=args.ray_address, tracking=tracking)
     print(f"trained {out['name']}: val top-1 {out['val_top1']:.4f}, top-5 {out['val_top5']:.4f} "
           f"after {out['epochs_completed']} epochs; {out['restarts']} restart(s); "
           f"checkpoint {out['checkpoint']}")
@@ -79,6 +93,63 @@ def cmd_train(args) -> int:
         print(f"  recovered from {r['cause']} in {r['seconds']} s")
     if args.json:
         _print_json(out)
+    return 0
+
+
+# -- tune ---------------------------------------------------------------------------------------
+def cmd_tune(args) -> int:
+    from .config import TrainConfig, from_args
+    from .tracking import Tracking, tracking_uri
+    from .tune import TuneSettings, tune
+
+    base = from_args(TrainConfig, args, "train", skip=("name",))
+    settings = from_args(TuneSettings, args, "tune")
+    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
+    out = tune(base, settings, storage=_storage(args), ray_address=args.ray_address,
+               tracking=tracking, resume=args.resume)
+    print(f"sweep {out['name']}: best trial {out['best_trial']} val top-1 "
+          f"{out['best_val_top1']:.4f} (config {json.dumps(out['best_config'], default=str)})")
+    for t in out["trials"]:
+        flag = " stopped early" if t["stopped_early"] else ""
+        print(f"  {t['id']}: {t['status']}{flag}, {t['epochs_completed']} epochs, "
+              f"val top-1 {t['val_top1']}")
+    print(f"plot: {out['plot']}")
+    if "model_version" in out:
+        p = out["promotion"]
+        print(f"registered {out['model_name']} version {out['model_version']} as @{out['alias']} "
+              f"(val top-1 {p['val_top1']} vs champion {p['previous_champion_val_top1']})")
+    if args.json:
+        out.pop("promotion", None)
+        _print_json(out)
+    return 0
+
+
+# -- register / predict -------------------------------------------------------------------------
+def cmd_register(args) -> int:
+    from .registry import register
+    from .tracking import redact, tracking_uri
+
+    out = register(args.checkpoint, args.model, _storage(args), tracking_uri(args.tracking_uri))
+    prev = out["previous_champion_val_top1"]
+    print(f"registered {out['model_name']} version {out['model_version']}: val top-1 "
+          f"{out['val_top1']:.4f} vs current champion "
+          f"{'none' if prev is None else f'{prev:.4f}'} -> @{out['decision']} "
+          f"(tracking: {redact(tracking_uri(args.tracking_uri))})")
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    results = predict(args.model, args.images, args.tracking_uri, top=args.top)
+    for r in results:
+        print(r["image"])
+        for t in r["top"]:
+            print(f"  {t['probability']:.4f}  {t['wnid']}  {t['name']}")
+    if args.json:
+        _print_json({"model": args.model, "predictions": results})
     return 0
 
 
@@ -141,10 +212,45 @@ def build_parser() -> argparse.ArgumentParser:
                                    "FILE.yaml < flags. Re-running with the same --name resumes.")
     p.add_argument("--config", help="YAML file with the same keys as the flags (data, arch, ...)")
     add_model_flags(p, TrainConfig)
-    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+    _run_flags(p)
+    p.set_defaults(fn=cmd_train)
+
+    from .tune import TuneSettings
+
+    p = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune + ASHA) with MLflow tracking",
+                       description="A Ray Tune sweep in which every trial is one `pipeline train` "
+                                   "run; ASHA stops weak trials early; trials are MLflow child runs "
+                                   "of the sweep's run. Training flags are the fixed settings.")
+    p.add_argument("--config", help="YAML with train: and tune: sections (or train keys at the top)")
+    add_model_flags(p, TuneSettings)
+    add_model_flags(p, TrainConfig, skip=("name",))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep of this --name; finished trials are kept")
+    _run_flags(p)
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("register", help="register a checkpoint in the MLflow model registry",
+                       description="Log a checkpoint's model to MLflow, register a new version, "
+                                   "and give it @champion only if its val top-1 beats the current "
+                                   "champion's (else @challenger).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or s3://)")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     _s3_flags(p)
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_register)
+
+    p = sub.add_parser("predict", help="top-5 classes of images from a registered model",
+                       description="Load a registered model and print the top classes (wnid, name, "
+                                   "probability) of each image, preprocessed as recorded.")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print a JSON result as the last line")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks that print figures",
                        description="Benchmarks: each prints a table and one JSON line.")

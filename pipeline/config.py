@@ -165,13 +165,20 @@ def build(model: type[BaseModel], values: dict[str, Any], source: str = "config"
         raise UserError(f"{source}: {where}: {err['msg']} (got {err.get('input')!r})") from exc
 
 
-def from_args(model: type[BaseModel], args: argparse.Namespace, section: str | None = None,
+SECTIONS = ("stage", "train", "tune", "register")
+
+
+def from_args(model: type[BaseModel], args: argparse.Namespace, section: str,
               skip: tuple[str, ...] = ()) -> BaseModel:
-    """Defaults < --config FILE (its top level, or its `section:` mapping) < explicit flags."""
+    """Defaults < --config FILE < explicit flags. The file holds either the settings of this
+    command at its top level, or sections (stage:, train:, tune:, register:) as for `pipeline run`."""
     path = getattr(args, "config", None)
     values = load_yaml(path)
-    if section is not None:
+    if any(k in SECTIONS for k in values):
         values = values.get(section) or {}
+    elif section != "train":
+        values = {}
+    values = {k: v for k, v in values.items() if k not in skip}
     given = {k: v for k, v in vars(args).items() if k in model.model_fields and k not in skip}
     return build(model, {**values, **given}, source=path or "flags")
 

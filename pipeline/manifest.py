@@ -63,6 +63,10 @@ def sha256_file(path, chunk: int = 4 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
+def manifest_sha256(storage: Storage, data_uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(join(data_uri, MANIFEST))).hexdigest()
+
+
 def read_manifest(storage: Storage, data_uri: str) -> ShardManifest:
     """Load DATA/manifest.json, refusing anything that is not a completely staged dataset."""
     uri = join(data_uri, MANIFEST)

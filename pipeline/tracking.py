@@ -13,9 +13,21 @@ from pathlib import Path
 
 from .errors import UserError
 
+from dataclasses import dataclass
+
 RUN_NAME_TAG = "pipeline.run_name"
 TRIAL_TAG = "pipeline.trial_id"
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run logs: the tracking URI, the experiment, and for a sweep's trial its parent."""
+
+    uri: str
+    experiment: str = "pipeline"
+    parent_run_id: str | None = None
+    trial_id: str | None = None
 
 
 def tracking_uri(explicit: str | None = None) -> str:

@@ -12,10 +12,13 @@ from ray.train.v2.api.callback import UserCallback
 
 from .config import TrainConfig
 from .errors import UserError
-from .manifest import read_manifest
+from .manifest import manifest_sha256, read_manifest
 from .ray_connect import connect
 from .run_events import RunEvents, recoveries
 from .storage import Storage, is_s3, join, split_s3
+from .tracking import (Tracking, experiment_id, find_or_start_run, lineage_tags, log_epoch,
+                       safe_params)
+from .tracking import client as tracking_client
 from .trainer import CHECKPOINT_FILE, FAULT_ENV, META_FILE, train_worker
 
 
@@ -160,8 +163,33 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def start_tracking(tracking: Tracking | None, cfg: TrainConfig, data_sha: str) -> dict | None:
+    """The MLflow run of this training (found again by name when the run resumes)."""
+    if tracking is None:
+        return None
+    mlflow_client = tracking_client(tracking.uri)
+    exp_id = experiment_id(mlflow_client, tracking.experiment, tracking.uri)
+    run_id = find_or_start_run(mlflow_client, exp_id, cfg.name,
+                               tags=lineage_tags(cfg.data, data_sha, tracking.trial_id),
+                               params=safe_params(cfg.model_dump()),
+                               parent_run_id=tracking.parent_run_id)
+    return {"uri": tracking.uri, "run_id": run_id, "client": mlflow_client}
+
+
+def finish_tracking(run: dict | None, summary: dict | None) -> None:
+    if run is None:
+        return
+    if summary is None:
+        run["client"].set_terminated(run["run_id"], status="FAILED")
+        return
+    final = {f"final_{k}": summary[k] for k in ("val_top1", "val_top5") if summary.get(k) is not None}
+    final.update(restarts=summary["restarts"], epochs_completed=summary["epochs_completed"])
+    log_epoch(run["client"], run["run_id"], final, summary["epochs_completed"])
+    run["client"].set_terminated(run["run_id"], status="FINISHED")
+
+
 def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, tracking: Tracking | None = None) -> dict:
     """Run (or resume, when cfg.name names an unfinished run) and return the final summary."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -181,6 +209,10 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
             raise UserError(f"{cfg.data}: the staged dataset has no '{split}' split")
     storage.check_bucket(cfg.storage)
     init_state = load_init_state(storage, cfg.init_from) if cfg.init_from else None
+    data_sha = manifest_sha256(storage, cfg.data)
+    run = start_tracking(tracking, cfg, data_sha)
+    lineage = {"manifest_sha256": data_sha, "mlflow_run_id": run and run["run_id"],
+               "trial_id": tracking and tracking.trial_id}
 
     connect(ray_address)
     bundle = worker_bundle(cfg)
@@ -195,7 +227,9 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": cfg.model_dump(), "manifest": manifest.model_dump(),
-                           "storage": storage, "run_dir": run_dir, "init_state": init_state},
+                           "storage": storage, "run_dir": run_dir, "init_state": init_state,
+                           "lineage": lineage,
+                           "tracking": run and {"uri": run["uri"], "run_id": run["run_id"]}},
         scaling_config=ScalingConfig(num_workers=lo if lo == hi else (lo, hi),
                                      use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=bundle,
                                      elastic_resize_monitor_interval_s=cfg.elastic_resize_seconds),
@@ -215,8 +249,11 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - translated or re-raised
-        raise explain_failure(exc, cfg) from exc
+    except BaseException as exc:
+        finish_tracking(run, None)
+        if isinstance(exc, Exception):
+            raise explain_failure(exc, cfg) from exc
+        raise
 
     last = checkpoint_uri(result.checkpoint, cfg.storage)
     best = checkpoint_uri(result.best_checkpoints[0][0], cfg.storage) if result.best_checkpoints else last
@@ -224,7 +261,7 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
     metrics = meta.get("metrics", {})
     history = events.all()
     starts = [e for e in history if e["kind"] == "start"]
-    return {
+    summary = {
         "name": cfg.name,
         "val_top1": metrics.get("val_top1"),
         "val_top5": metrics.get("val_top5"),
@@ -236,4 +273,8 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         "resumed_from_epoch": starts[-1].get("resumed_from_epoch") if starts else None,
         "recoveries": recoveries(history),
         "run_dir": run_dir,
+        "mlflow_run_id": run and run["run_id"],
     }
+    storage.write_bytes(join(run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    finish_tracking(run, summary)
+    return summary

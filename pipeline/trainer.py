@@ -46,6 +46,7 @@ class ImageNetTrainer:
                  rank: int, world: int, device: torch.device, wrap_model=None):
         self.cfg, self.classes = cfg, classes
         self.wrap_model = wrap_model
+        self.lineage: dict = {}   # manifest sha256, MLflow run, trial: copied into checkpoints
         # On CPU, DDP warns once per worker that 1x1-conv gradient strides differ from its buckets.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.rank, self.world, self.device = rank, world, device
@@ -202,8 +203,8 @@ class ImageNetTrainer:
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }, os.path.join(folder, CHECKPOINT_FILE))
-        Path(folder, META_FILE).write_text(json.dumps(checkpoint_meta(self.cfg, self.classes, epoch,
-                                                                      metrics), indent=1))
+        meta = {**checkpoint_meta(self.cfg, self.classes, epoch, metrics), **self.lineage}
+        Path(folder, META_FILE).write_text(json.dumps(meta, indent=1))
 
     def load(self, folder: str) -> int:
         state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu",
@@ -265,6 +266,12 @@ def train_worker(config: dict) -> None:
     val_path = local_split(storage, cfg.data, manifest, "val", cfg.cache_dir)
     classes = [c.model_dump() for c in manifest.classes]
     trainer = ImageNetTrainer(cfg, str(train_path), str(val_path), classes, rank, world, device)
+    trainer.lineage = config.get("lineage", {})
+    mlflow = None
+    if rank == 0 and config.get("tracking"):   # only rank 0 talks to MLflow
+        from .tracking import client, log_epoch
+
+        mlflow = client(config["tracking"]["uri"])
 
     start_epoch, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -297,6 +304,8 @@ def train_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
         else:
             ray.train.report(metrics)
+        if mlflow is not None:
+            log_epoch(mlflow, config["tracking"]["run_id"], metrics, epoch + 1)
         if rank == 0:
             print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.3f} "
                   f"top1 {metrics['val_top1']:.3f} top5 {metrics['val_top5']:.3f} "
