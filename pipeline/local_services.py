@@ -58,11 +58,24 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def _signal(pid: int, sig: int) -> None:
+    """Signal the process and, when it leads its own process group (we start services with
+    start_new_session), everything it started."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def stop_pid(pid: int, timeout: float = 15) -> None:
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return
+    _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -75,10 +88,10 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
             except ProcessLookupError:
                 return
         time.sleep(0.1)
+    _signal(pid, signal.SIGKILL)
     try:
-        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
+    except ChildProcessError:
         pass
 
 
@@ -160,3 +173,42 @@ def _create_bucket(client, bucket: str, timeout: float = 30) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+@dataclass
+class MlflowServer:
+    pid: int
+    uri: str
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        stop_pid(self.pid)
+
+
+def start_mlflow(data_dir: str | Path, s3: S3Server | None = None, bucket: str = "mlflow",
+                 port: int | None = None, timeout: float = 120) -> MlflowServer:
+    """`mlflow server` on loopback: SQLite backend store (the registry needs a database), artifacts
+    proxied by the server to S3 (SeaweedFS) when given, else to a local folder."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_ports(1)[0]
+    env = dict(os.environ)
+    if s3 is not None:
+        artifacts = f"s3://{bucket}/artifacts"
+        env.update(s3.env(), MLFLOW_S3_ENDPOINT_URL=s3.endpoint)
+    else:
+        artifacts = str(data_dir / "artifacts")
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
+           "--artifacts-destination", artifacts]
+    log = open(data_dir / "mlflow-server.out", "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    server = MlflowServer(proc.pid, f"http://127.0.0.1:{port}", proc)
+    try:
+        wait_http(f"{server.uri}/health", timeout, proc)
+    except BaseException:
+        server.stop()
+        raise
+    return server

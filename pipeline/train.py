@@ -112,10 +112,11 @@ def load_init_state(storage: Storage, uri: str) -> dict:
     return state.get("model", state)
 
 
-def checkpoint_uri(checkpoint, storage_uri: str) -> str | None:
-    if checkpoint is None:
+def checkpoint_uri(path: str | None, storage_uri: str) -> str | None:
+    """A URI for a path as Ray reports it (without the s3:// of its filesystem)."""
+    if path is None:
         return None
-    return f"s3://{checkpoint.path}" if is_s3(storage_uri) else checkpoint.path
+    return f"s3://{path}" if is_s3(storage_uri) else path
 
 
 def read_meta(storage: Storage, uri: str | None) -> dict:
@@ -255,8 +256,9 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
             raise explain_failure(exc, cfg) from exc
         raise
 
-    last = checkpoint_uri(result.checkpoint, cfg.storage)
-    best = checkpoint_uri(result.best_checkpoints[0][0], cfg.storage) if result.best_checkpoints else last
+    last = checkpoint_uri(result.checkpoint and result.checkpoint.path, cfg.storage)
+    best = checkpoint_uri(result.best_checkpoints[0][0].path, cfg.storage) \
+        if result.best_checkpoints else last
     meta = read_meta(storage, last)
     metrics = meta.get("metrics", {})
     history = events.all()

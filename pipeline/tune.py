@@ -181,9 +181,11 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     sweep = {"storage": storage, "runs": join(sweep_dir, "runs"),
              "tracking": tracking and {"uri": tracking.uri, "experiment": tracking.experiment,
                                       "parent_run_id": tracking.parent_run_id}}
+    # A trial only drives its TorchTrainer: keep it on the head node, holding no CPU that a
+    # training worker needs (Tune refuses an all-zero request, hence the sliver of the head).
     trainable = rtune.with_resources(
         rtune.with_parameters(trial_fn, base=base.model_dump(), sweep=sweep),
-        {"CPU": 0.01})   # the trial only drives its TorchTrainer; workers hold the real CPUs
+        {"CPU": 0, "node:__internal_head__": 0.01})
     storage_path, filesystem = storage_for_ray(storage, base.storage)
     tune_path = join(storage_path, settings.name) if filesystem is None else f"{storage_path}/{settings.name}"
 
@@ -193,8 +195,10 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     else:
         if resume:
             print(f"[tune] nothing to resume at {sweep_dir}: starting the sweep", flush=True)
+        # max_t one past the last epoch: ASHA never stops a trial that is about to finish anyway,
+        # so finishing trials end their own train() (summary, MLflow status) instead of being cut.
         scheduler = (ASHAScheduler(time_attr="epoch", grace_period=settings.grace_period,
-                                   max_t=base.epochs, reduction_factor=settings.reduction_factor)
+                                   max_t=base.epochs + 1, reduction_factor=settings.reduction_factor)
                      if settings.scheduler == "asha" else FIFOScheduler())
         search_alg = None
         if settings.search == "optuna":
@@ -229,8 +233,10 @@ def summarize(results, base, settings, storage, sweep_dir, parent, tracking) -> 
     best_checkpoint = None
     if storage.exists(summary_uri):
         best_checkpoint = json.loads(storage.read_bytes(summary_uri))["checkpoint"]
-    elif best["checkpoint_path"]:
-        best_checkpoint = best["checkpoint_path"]
+    elif best["checkpoint_path"]:   # Ray's path, without the s3:// of its filesystem
+        from .train import checkpoint_uri
+
+        best_checkpoint = checkpoint_uri(best["checkpoint_path"], base.storage)
 
     with tempfile.TemporaryDirectory() as tmp:
         plot = os.path.join(tmp, "val_top1.png")

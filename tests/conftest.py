@@ -34,14 +34,19 @@ def s3_storage(s3) -> Storage:
     return Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key, "us-east-1"))
 
 
-def start_cluster(trainer_nodes: int):
-    """A head (1 CPU, where Ray Train's controller lands) and worker nodes with 1 CPU and a
-    `trainer` resource each, all on this machine (ray.cluster_utils.Cluster)."""
+def start_cluster(trainer_nodes: int, slots: int = 1):
+    """A head (1 CPU, where Ray Train's controller lands) and worker nodes with `slots` CPUs and
+    `trainer` resources each, all on this machine (ray.cluster_utils.Cluster)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    from pipeline.local_services import free_ports
+
+    # Own dashboard port: several clusters may be up at once, and Ray Train's controller needs
+    # the State API that the dashboard serves.
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0]})
     for _ in range(trainer_nodes):
-        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+        cluster.add_node(num_cpus=slots, resources={"trainer": slots})
     cluster.wait_for_nodes()
     return cluster
 
@@ -78,3 +83,26 @@ def sample_sets(tmp_path_factory):
         generate(out[layout], layout, classes=4, train_per_class=6, val_per_class=3, seed=1,
                  bad_files=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory):
+    """A real `mlflow server` over HTTP on loopback; artifacts proxied to the SeaweedFS bucket."""
+    from pipeline.local_services import _create_bucket, start_mlflow
+
+    _create_bucket(S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client(), "mlflow")
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3, bucket="mlflow")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_tracking_store(tmp_path_factory):
+    """Runs that do not name a tracking server log to a throwaway SQLite store, not the repo."""
+    import os
+
+    path = tmp_path_factory.mktemp("mlflow-local") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+    yield

@@ -1,0 +1,97 @@
+"""The MLflow model registry against a real `mlflow server`: promotion, races, ties, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PIPELINE, last_json, run_cli
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrainConfig
+from pipeline.local_services import free_ports
+from pipeline.model import build_model
+from pipeline.trainer import CHECKPOINT_FILE, META_FILE, checkpoint_meta
+
+CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
+
+
+def make_checkpoint(folder: Path, val_top1: float) -> str:
+    """A checkpoint as training writes it (weights are random: only the score matters here)."""
+    cfg = TrainConfig(arch="resnet18", val_res=32)
+    folder.mkdir(parents=True)
+    model = build_model("resnet18", len(CLASSES), blurpool=True)
+    torch.save({"model": model.state_dict(), "epoch": 1}, folder / CHECKPOINT_FILE)
+    meta = checkpoint_meta(cfg, CLASSES, 1, {"val_top1": val_top1, "val_top5": 1.0})
+    (folder / META_FILE).write_text(json.dumps({**meta, "manifest_sha256": "0" * 64}))
+    return str(folder)
+
+
+def register_cmd(checkpoint: str, model: str, uri: str) -> list[str]:
+    return [PIPELINE, "register", "--checkpoint", checkpoint, "--model", model,
+            "--tracking-uri", uri, "--json"]
+
+
+def test_racing_registrations_leave_one_champion_the_best(mlflow_server, tmp_path):
+    uri = mlflow_server.uri
+    first = last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / "a", 0.50), "race", uri)[1:]).stdout)
+    assert first["decision"] == "champion" and first["previous_champion_val_top1"] is None
+    procs = [subprocess.Popen(register_cmd(make_checkpoint(tmp_path / name, score), "race", uri),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TQDM_DISABLE="1"))
+             for name, score in (("b", 0.60), ("c", 0.70))]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(last_json(stdout))
+    client = MlflowClient(uri)
+    champion = client.get_model_version_by_alias("race", "champion")
+    assert champion.tags["pipeline.val_top1"] == "0.7"
+    versions = [v.version for v in client.search_model_versions("name = 'race'")]
+    assert sorted(versions) == ["1", "2", "3"]
+    holders = [v for v in versions if "champion" in client.get_model_version("race", v).aliases]
+    assert holders == [champion.version]
+    for out in outs:   # each decision and both numbers are stored on its version
+        tags = client.get_model_version("race", out["model_version"]).tags
+        assert tags["pipeline.promotion.decision"] == out["decision"]
+        assert "pipeline.promotion.previous_champion_val_top1" in tags
+
+    tie = last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / "d", 0.70), "race", uri)[1:]).stdout)
+    assert tie["decision"] == "challenger"   # ties keep the old champion
+    assert client.get_model_version_by_alias("race", "champion").version == champion.version
+    assert client.get_model_version_by_alias("race", "challenger").version == tie["model_version"]
+
+
+def _error(*args):
+    proc = run_cli(*args, check=False, timeout=180)
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_registry_errors(mlflow_server, tmp_path):
+    port = free_ports(1)[0]
+    ckpt = make_checkpoint(tmp_path / "ok", 0.4)
+    assert "cannot reach the MLflow tracking server" in _error(
+        "register", "--checkpoint", ckpt, "--model", "m", "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert "not a checkpoint folder" in _error(
+        "register", "--checkpoint", tmp_path / "missing", "--model", "m",
+        "--tracking-uri", mlflow_server.uri)
+    image = tmp_path / "x.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(image)
+    assert "no such registered model" in _error(
+        "predict", "--model", "models:/never-registered@champion", image,
+        "--tracking-uri", mlflow_server.uri)
+    run_cli("register", "--checkpoint", ckpt, "--model", "errs", "--tracking-uri", mlflow_server.uri)
+    assert "no such registered model, version or alias" in _error(
+        "predict", "--model", "models:/errs@no-such-alias", image, "--tracking-uri", mlflow_server.uri)
+    out = last_json(run_cli("predict", "--model", "models:/errs@champion", image, "--json",
+                            "--tracking-uri", mlflow_server.uri).stdout)
+    top = out["predictions"][0]["top"]
+    assert len(top) == 4 and abs(sum(t["probability"] for t in top) - 1) < 0.01
