@@ -58,21 +58,19 @@ def cmd_sample_data(args) -> int:
 
 # -- stage --------------------------------------------------------------------------------------
 def cmd_stage(args) -> int:
-    from .manifest import WriterSettings
-    from .stage import stage
+    from .config import StageConfig, from_args
+    from .stage import stage_from_config
 
-    writer = WriterSettings(max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                            compress_probability=args.compress_probability)
-    result = stage(args.source, args.dest, layout=args.layout, splits=args.splits, writer=writer,
-                   shard_size=args.shard_size, workers=args.workers, storage=_storage(args),
-                   ray_address=args.ray_address, progress=not args.quiet)
+    cfg = from_args(StageConfig, args, "stage")
+    result = stage_from_config(cfg, storage=_storage(args), ray_address=args.ray_address,
+                               progress=not args.quiet)
     s = result.summary()
     split_text = ", ".join(f"{k}: {v} images" for k, v in s["splits"].items())
-    print(f"staged {args.dest}: {split_text}; {s['shards_written']} shards written, "
+    print(f"staged {cfg.dest}: {split_text}; {s['shards_written']} shards written, "
           f"{s['shards_reused']} already complete, {s['skipped']} files skipped "
           f"(listed in manifest.json) in {s['seconds']} s")
     if args.json:
-        _print_json({"dest": args.dest, **s})
+        _print_json({"dest": cfg.dest, **s})
     return 0
 
 
@@ -153,6 +151,44 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# -- run / demo / submit ---------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .run import STEPS, load_pipeline_config, run
+    from .tracking import Tracking, redact, tracking_uri
+
+    cfg = load_pipeline_config(args.config)
+    steps = tuple(args.only or [s for s in STEPS if s not in (args.skip or [])])
+    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
+    landed = run(cfg, steps, storage=_storage(args), ray_address=args.ray_address,
+                 tracking=tracking)
+    for key in ("dataset", "sweep", "run", "plot", "checkpoint", "model_name", "model_version",
+                "alias"):
+        if key in landed:
+            print(f"{key}: {landed[key]}")
+    if tracking:
+        print(f"mlflow: {redact(tracking.uri)} (experiment {tracking.experiment})")
+    if args.json:
+        _print_json(landed)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+
+    out = demo(args.workdir, stack=args.stack, keep=args.keep)
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    _, status = submit(args.address, command, wait=not args.no_wait)
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
 # -- bench --------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from . import bench
@@ -161,7 +197,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .imagenet_source import LAYOUTS, SPLITS
+    from .imagenet_source import LAYOUTS
 
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -184,27 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     _s3_flags(p)
     p.set_defaults(fn=cmd_sample_data)
 
+    from .config import StageConfig, TrainConfig, add_model_flags
+
     p = sub.add_parser("stage", help="stage ImageNet into FFCV shards + manifest.json",
                        description="Convert ImageNet (any layout, local or s3://) into FFCV .beton "
                                    "shards and a manifest.json, one Ray task per shard. Re-running "
                                    "resumes: only missing or corrupt shards are written.")
-    p.add_argument("--source", required=True, help="ImageNet root: a folder or s3://bucket/prefix")
-    p.add_argument("--dest", required=True, help="staged dataset: a folder or s3://bucket/prefix")
-    p.add_argument("--layout", choices=LAYOUTS, help="source layout (default: detected)")
-    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
-    p.add_argument("--max-resolution", type=int, default=512, help="longest side kept (px)")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--compress-probability", type=float, default=0.5,
-                   help="share of images stored as JPEG, the rest raw (FFCV 'proportion' mode)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
-    p.add_argument("--workers", type=int, help="shards staged at once (default: the cluster's CPUs)")
+    p.add_argument("--config", help="YAML with the same keys (or a stage: section)")
+    add_model_flags(p, StageConfig)
     p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     _s3_flags(p)
     p.set_defaults(fn=cmd_stage)
-
-    from .config import TrainConfig, add_model_flags
 
     p = sub.add_parser("train", help="train a ResNet on a staged dataset with Ray Train",
                        description="Fault-tolerant multi-node ResNet training (Ray Train, DDP) "
@@ -251,6 +279,40 @@ def build_parser() -> argparse.ArgumentParser:
                                           "sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     p.set_defaults(fn=cmd_predict)
+
+    from .run import STEPS
+
+    p = sub.add_parser("run", help="stage -> tune -> register from one config file",
+                       description="Drive the chain from one YAML file with stage:, train:, tune: "
+                                   "and register: sections. Each step can be run alone (--only) "
+                                   "or skipped (--skip); re-running after a crash resumes.")
+    p.add_argument("--config", required=True, help="pipeline config (see jobs/configs/)")
+    p.add_argument("--only", nargs="+", choices=STEPS, help="run just these steps")
+    p.add_argument("--skip", nargs="+", choices=STEPS, help="skip these steps")
+    _run_flags(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="the whole chain on this machine in a few minutes",
+                       description="Sample data -> stage -> a small sweep on a local Ray -> "
+                                   "register -> predict, with the embedded defaults (local files, "
+                                   "SQLite MLflow store in the current folder).")
+    p.add_argument("--workdir", default="demo", help="where the demo's data and runs go")
+    p.add_argument("--stack", action="store_true",
+                   help="use the local stack instead (SeaweedFS S3 + MLflow server, infra/local/)")
+    p.add_argument("--keep", action="store_true", help="with --stack: leave the stack running")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("submit", help="run a pipeline command as a Ray job on a cluster",
+                       description="Submit `pipeline <command>` to a Ray cluster's job server with "
+                                   "this project as working_dir and the S3/MLflow environment "
+                                   "passed through (never printed); follow the logs and exit with "
+                                   "the job's status.")
+    p.add_argument("--address", required=True, help="the head's dashboard, http://HEAD:8265")
+    p.add_argument("--no-wait", action="store_true", help="submit and return")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the pipeline subcommand and its arguments")
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("bench", help="benchmarks that print figures",
                        description="Benchmarks: each prints a table and one JSON line.")

@@ -20,6 +20,32 @@ from .errors import UserError
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
+class StageConfig(BaseModel):
+    """`pipeline stage`: ImageNet (any layout, local or s3://) -> FFCV shards + manifest.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field("", description="ImageNet root: folder or s3://bucket/prefix")
+    dest: str = Field("", description="staged dataset: folder or s3://bucket/prefix")
+    layout: Literal["auto", "folders", "kaggle", "devkit", "tars"] = Field(
+        "auto", description="source layout (auto: detected)")
+    splits: list[Literal["train", "val"]] = Field(["train", "val"], description="splits to stage")
+    max_resolution: int = Field(512, ge=16, le=4096, description="longest side kept (px)")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of stored images")
+    compress_probability: float = Field(0.5, ge=0, le=1, description="share of images stored as "
+                                        "JPEG, the rest raw (FFCV 'proportion' mode)")
+    shard_size: int = Field(1024, ge=1, description="images per shard")
+    workers: int = Field(0, ge=0, description="shards staged at once (0: the cluster's CPUs)")
+
+
+class RegisterConfig(BaseModel):
+    """`pipeline run`'s last step: register the best model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("", description="registered model name (empty: do not register)")
+
+
 class TrainConfig(BaseModel):
     """`pipeline train`: one ResNet training run with the FFCV ImageNet recipe."""
 
@@ -110,6 +136,10 @@ def _flag_type(annotation):
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return str, list(typing.get_args(annotation))
+    if origin is list:
+        return _flag_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType) and str in typing.get_args(annotation):
+        return str, None   # e.g. a file name, or a mapping given in the config file
     if annotation in (int, float, str):
         return annotation, None
     if annotation == dict[str, float]:
@@ -131,9 +161,10 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
                                 default=argparse.SUPPRESS, help=help_text)
             continue
         typ, choices = _flag_type(info.annotation)
-        if typ is None:  # dicts and other structures: config file only
+        if typ is None:  # nested structures: config file only
             continue
-        parser.add_argument(flag, dest=name, type=typ, choices=choices,
+        nargs = "+" if typing.get_origin(info.annotation) is list else None
+        parser.add_argument(flag, dest=name, type=typ, choices=choices, nargs=nargs,
                             default=argparse.SUPPRESS, help=help_text)
 
 

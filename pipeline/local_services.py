@@ -212,3 +212,76 @@ def start_mlflow(data_dir: str | Path, s3: S3Server | None = None, bucket: str =
         server.stop()
         raise
     return server
+
+
+# -- the local stack (infra/local/start.sh, stop.sh) ---------------------------------------------
+STACK_BUCKETS = ("pipeline", "mlflow")
+
+
+def start_stack(folder: str | Path) -> Path:
+    """SeaweedFS (keys generated into an env file readable only by you) and an MLflow server with
+    a SQLite store and S3 artifacts. Writes FOLDER/env (to `source`) and FOLDER/pids."""
+    folder = Path(folder).resolve()
+    if (folder / "pids").exists() and all(_alive(int(p)) for p in (folder / "pids").read_text().split()):
+        return folder / "env"
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = folder / "s3-keys"
+    if not keys.exists():
+        keys.write_text(f"{'pipeline' + secrets.token_hex(4)} {secrets.token_urlsafe(24)}\n")
+        keys.chmod(0o600)
+    access, secret = keys.read_text().split()
+    s3 = start_seaweedfs(folder / "seaweedfs", access, secret, buckets=STACK_BUCKETS)
+    try:
+        mlflow = start_mlflow(folder / "mlflow", s3, bucket="mlflow")
+    except BaseException:
+        s3.stop()
+        raise
+    env = {**s3.env(), "MLFLOW_TRACKING_URI": mlflow.uri}
+    env_file = folder / "env"
+    env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in env.items()))
+    env_file.chmod(0o600)
+    (folder / "pids").write_text(f"{s3.pid} {mlflow.pid}\n")
+    return env_file
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_stack(folder: str | Path) -> None:
+    pids = Path(folder) / "pids"
+    if pids.exists():
+        for pid in reversed(pids.read_text().split()):
+            stop_pid(int(pid))
+        pids.unlink()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.local_services",
+                                     description="Start or stop the local stack (S3 + MLflow).")
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("folder", nargs="?", default=".stack")
+    args = parser.parse_args(argv)
+    if args.action == "stop":
+        stop_stack(args.folder)
+        print(f"stopped the local stack in {args.folder}")
+        return 0
+    env_file = start_stack(args.folder)
+    # Print what is safe to print; the keys stay in the file.
+    print("# the local stack is up; to use it:")
+    print(f"source {env_file}")
+    for line in env_file.read_text().splitlines():
+        if "SECRET" not in line and "ACCESS_KEY" not in line:
+            print(line)
+    print(f"# (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are in {env_file})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

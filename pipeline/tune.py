@@ -37,9 +37,10 @@ class TuneSettings(BaseModel):
     trials: int = Field(4, ge=1, description="trials to run (samples of the search space)")
     max_concurrent: int = Field(0, ge=0, description="trials at once (0: as many as the "
                                                      "cluster's CPUs/GPUs hold)")
-    search_space: str = Field("", description="YAML file: setting -> {loguniform|uniform|randint: "
-                                              "[lo, hi]} or {choice|grid: [values]} (default: lr, "
-                                              "weight decay, label smoothing, batch size, arch)")
+    search_space: str | dict[str, Any] = Field(
+        "", description="YAML file (or, in a config file, a mapping): setting -> "
+                        "{loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]} "
+                        "(default: lr, weight decay, label smoothing, batch size, arch)")
     scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on val top-1")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/N of trials at each rung")
@@ -49,8 +50,9 @@ class TuneSettings(BaseModel):
     search_seed: int = Field(0, description="seed of the search algorithm")
 
 
-def load_search_space(path: str) -> dict[str, Any]:
-    space = load_yaml(path) if path else DEFAULT_SEARCH_SPACE
+def load_search_space(spec: str | dict) -> dict[str, Any]:
+    path = spec if isinstance(spec, str) else "search_space"
+    space = spec if isinstance(spec, dict) else (load_yaml(spec) if spec else DEFAULT_SEARCH_SPACE)
     for key, spec in space.items():
         if key not in TrainConfig.model_fields:
             raise UserError(f"{path}: '{key}' is not a training setting")
@@ -155,7 +157,7 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     space = load_search_space(settings.search_space)
     for key, value in space.items():
         if not isinstance(value, dict):
-            build(TrainConfig, {**base.model_dump(), key: value}, settings.search_space)
+            build(TrainConfig, {**base.model_dump(), key: value}, "search_space")
     storage.check_bucket(base.storage)
     sweep_dir = join(base.storage, settings.name)
 
@@ -255,6 +257,7 @@ def summarize(results, base, settings, storage, sweep_dir, parent, tracking) -> 
            "parent_run_id": parent and parent["run_id"],
            "trials": [{k: v for k, v in r.items() if k not in ("config", "checkpoint_path")}
                       for r in rows]}
+    storage.write_bytes(join(sweep_dir, "result.json"), json.dumps(out, indent=1, default=str).encode())
     if settings.register_as:
         from .registry import register
 

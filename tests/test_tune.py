@@ -29,7 +29,7 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
     upload_tree(s3_storage, train_data, data)
     space = tmp_path / "space.yaml"
     # one lr far too small: ASHA has something clear to stop
-    space.write_text("lr: {grid: [0.4, 0.2, 0.0001]}\n")
+    space.write_text("lr: {grid: [0.4, 0.2, 0.000001]}\n")
     env = {**s3.env(), "RAY_ADDRESS": ray_cluster.address,
            "MLFLOW_TRACKING_URI": mlflow_server.uri}
     out = last_json(run_cli(*sweep_args(data, f"s3://{bucket}/runs", "sweep1", space,
