@@ -38,6 +38,14 @@ def _storage(args):
 
 
 def _print_json(obj) -> None:
+    """The one JSON object, last on stdout: Ray is shut down first, or lines it forwards from
+    workers could still arrive after it."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 

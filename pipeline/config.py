@@ -222,5 +222,6 @@ def reference_markdown(model: type[BaseModel]) -> str:
         flag = "--" + name.replace("_", "-")
         if info.annotation is not bool and _flag_type(info.annotation)[0] is None:
             flag = "(file only)"
-        rows.append(f"| `{name}` | `{flag}` | `{default!r}` | {info.description} |")
+        text = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{flag}` | `{default!r}` | {text} |")
     return "\n".join(rows)

@@ -133,7 +133,7 @@ def register(checkpoint: str, model_name: str, storage: Storage | None = None,
     score = meta.get("metrics", {}).get("val_top1")
     mlflow_client.set_model_version_tag(model_name, version.version, SCORE_TAG, str(score))
     promotion = promote_if_better(mlflow_client, model_name, version.version)
-    return {"model_name": model_name, "model_version": version.version,
+    return {"model_name": model_name, "model_version": str(version.version),
             "alias": promotion["decision"], "model_uri": f"models:/{model_name}/{version.version}",
             **promotion}
 

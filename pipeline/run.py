@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig, steps: tuple[str, ...] = STEPS, storage: Storage | 
             f"{out['best_val_top1']:.4f}; plot {out['plot']}")
         landed.update(sweep=best["record_dir"], plot=out["plot"], trials=out["trials"],
                       best_config=out["best_config"])
-    elif cfg.tune is None and "train" in steps:
+    elif "train" in steps and (cfg.tune is None or "tune" not in steps):
         name = train_cfg.name or "run"
         out = train(train_cfg.model_copy(update={"name": name}), storage, ray_address,
                     tracking=tracking)

@@ -28,9 +28,10 @@ FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def job_client(address: str):
+    # read when Ray is imported: set it first
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -39,7 +40,8 @@ def job_client(address: str):
             text = str(exc)
             if "Authentication" in type(exc).__name__ or "401" in text or "token" in text.lower():
                 raise UserError(f"{address}: the Ray head refused this client's token; run on a "
-                                "machine with the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN") from exc
+                                "machine with the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
+                                f"({text.splitlines()[0][:160]})") from exc
             if time.monotonic() > deadline:
                 raise UserError(f"cannot reach the Ray dashboard at {address}: is the head running "
                                 f"and the address (http://HEAD:8265) right? ({text.splitlines()[0][:120]})") from exc

@@ -225,8 +225,11 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
 
 def summarize(results, base, settings, storage, sweep_dir, parent, tracking) -> dict:
     """Per-trial table, the plot, MLflow bookkeeping, the best trial (registered if asked)."""
-    items = [results[i] for i in range(len(results))]
-    rows = [trial_row(r, base.epochs) for r in items]
+    # in trial-id order, so a tie always picks the same best (a restored sweep lists its
+    # trials in another order)
+    pairs = sorted(((trial_row(results[i], base.epochs), results[i]) for i in range(len(results))),
+                   key=lambda p: p[0]["id"])
+    rows, items = [p[0] for p in pairs], [p[1] for p in pairs]
     done = [row for row in rows if row["status"] != "ERROR" and row["val_top1"] is not None]
     if not done:
         raise UserError(f"sweep {settings.name}: every trial failed; see the trial errors above")

@@ -106,3 +106,48 @@ def local_tracking_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("mlflow-local") / "mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
     yield
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """A Ray head started the way users start one (`ray start --head`): own ports, own temp dir,
+    the venv first on PATH (jobs run with the head's environment); token auth as Ray 2.60 sets
+    it up. Stopped by its PID."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from pipeline.local_services import free_ports, stop_pid, wait_http
+
+    gcs, dash, agent, client = free_ports(4)
+    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")   # short: Ray's socket paths are limited
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+         f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:   # the dashboard answers 401 without the token once it is up
+            try:
+                wait_http(f"http://127.0.0.1:{dash}/api/version", 2, proc)
+                break
+            except TimeoutError:
+                import urllib.error
+                import urllib.request
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                except urllib.error.HTTPError:
+                    break
+                except OSError:
+                    pass
+            assert time.monotonic() < deadline, "ray head did not start"
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        stop_pid(proc.pid, timeout=60)

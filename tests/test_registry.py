@@ -95,3 +95,59 @@ def test_registry_errors(mlflow_server, tmp_path):
                             "--tracking-uri", mlflow_server.uri).stdout)
     top = out["predictions"][0]["top"]
     assert len(top) == 4 and abs(sum(t["probability"] for t in top) - 1) < 0.01
+
+
+def test_init_from_a_registered_model_replaces_a_mismatched_head(mlflow_server, tmp_path):
+    """--init-from models:/NAME@ALIAS: the registered weights, minus the head when the class
+    count differs (fine-tuning on another label set)."""
+    from pipeline.model import build_model, load_weights
+    from pipeline.storage import Storage
+    from pipeline.train import load_init_state
+
+    ckpt = make_checkpoint(tmp_path / "src", 0.9)
+    run_cli("register", "--checkpoint", ckpt, "--model", "base", "--tracking-uri", mlflow_server.uri)
+    from pipeline.registry import load_registered_state
+
+    state = load_registered_state("models:/base@champion", mlflow_server.uri)
+    same = build_model("resnet18", 4, blurpool=True)
+    assert load_weights(same, state) == "loaded all weights"
+    assert torch.equal(same.fc.weight, state["fc.weight"])
+    other = build_model("resnet18", 10, blurpool=True)
+    assert "all but the head (4 -> 10 classes)" in load_weights(other, state)
+    assert torch.equal(other.conv1.weight, state["conv1.weight"]) and other.fc.out_features == 10
+    # a checkpoint folder works the same way
+    assert torch.equal(load_init_state(Storage(), ckpt)["conv1.weight"], state["conv1.weight"])
+    with pytest.raises(Exception, match="no checkpoint.pt there"):
+        load_init_state(Storage(), str(tmp_path / "nowhere"))
+
+
+def test_local_stack_scripts_start_and_stop(tmp_path):
+    """infra/local: SeaweedFS + MLflow server on loopback, keys only in the env file."""
+    import urllib.request
+
+    from pipeline.storage import S3Settings, Storage
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "stack"
+    out = subprocess.run(["bash", str(root / "infra/local/start.sh"), str(folder)],
+                         capture_output=True, text=True, timeout=180)
+    try:
+        assert out.returncode == 0, out.stderr[-2000:]
+        env = dict(line[len("export "):].split("=", 1) for line in
+                   (folder / "env").read_text().splitlines())
+        env = {k: v.strip("'") for k, v in env.items()}
+        assert env["AWS_SECRET_ACCESS_KEY"] not in out.stdout + out.stderr
+        assert f"source {folder / 'env'}" in out.stdout
+        assert oct((folder / "env").stat().st_mode)[-3:] == "600"
+        store = Storage(S3Settings(env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"],
+                                   env["AWS_SECRET_ACCESS_KEY"]))
+        store.write_bytes("s3://pipeline/hello.txt", b"hi")
+        assert store.read_bytes("s3://pipeline/hello.txt") == b"hi"
+        with urllib.request.urlopen(env["MLFLOW_TRACKING_URI"] + "/health", timeout=5) as r:
+            assert r.status == 200
+        pids = [int(p) for p in (folder / "pids").read_text().split()]
+    finally:
+        subprocess.run(["bash", str(root / "infra/local/stop.sh"), str(folder)], timeout=120)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
