@@ -20,14 +20,26 @@ def _s3_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-region", help="S3 region")
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by the commands that run training: where Ray and MLflow are."""
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def _ray_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+
+
+def _tracking_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                                           "sqlite:///<cwd>/mlflow.db)")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that run training: where Ray and MLflow are."""
+    _ray_flag(p)
+    _tracking_flag(p)
     p.add_argument("--experiment", default="pipeline", help="MLflow experiment")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _json_flag(p)
     _s3_flags(p)
 
 
@@ -224,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad-files", action="store_true",
                    help="add a PNG named .JPEG, a CMYK and a greyscale JPEG, a truncated JPEG and "
                         "an empty file, as real ImageNet has")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _json_flag(p)
     _s3_flags(p)
     p.set_defaults(fn=cmd_sample_data)
 
@@ -236,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes: only missing or corrupt shards are written.")
     p.add_argument("--config", help="YAML with the same keys (or a stage: section)")
     add_model_flags(p, StageConfig)
-    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+    _ray_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _json_flag(p)
     _s3_flags(p)
     p.set_defaults(fn=cmd_stage)
 
@@ -271,9 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "champion's (else @challenger).")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or s3://)")
     p.add_argument("--model", required=True, help="registered model name")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _tracking_flag(p)
+    _json_flag(p)
     _s3_flags(p)
     p.set_defaults(fn=cmd_register)
 
@@ -283,9 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--json", action="store_true", help="print a JSON result as the last line")
+    _tracking_flag(p)
+    _json_flag(p)
     p.set_defaults(fn=cmd_predict)
 
     from .run import STEPS
@@ -308,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", action="store_true",
                    help="use the local stack instead (SeaweedFS S3 + MLflow server, infra/local/)")
     p.add_argument("--keep", action="store_true", help="with --stack: leave the stack running")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _json_flag(p)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("submit", help="run a pipeline command as a Ray job on a cluster",

@@ -153,14 +153,14 @@ def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
 
             client = S3Settings(server.endpoint, access_key, secret_key, "us-east-1").client()
             for b in buckets:
-                _create_bucket(client, b)
+                create_bucket(client, b)
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def _create_bucket(client, bucket: str, timeout: float = 30) -> None:
+def create_bucket(client, bucket: str, timeout: float = 30) -> None:
     """Right after start the filer may not be ready for writes yet: retry briefly."""
     deadline = time.monotonic() + timeout
     while True:

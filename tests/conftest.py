@@ -88,9 +88,9 @@ def sample_sets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(s3, tmp_path_factory):
     """A real `mlflow server` over HTTP on loopback; artifacts proxied to the SeaweedFS bucket."""
-    from pipeline.local_services import _create_bucket, start_mlflow
+    from pipeline.local_services import create_bucket, start_mlflow
 
-    _create_bucket(S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client(), "mlflow")
+    create_bucket(S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client(), "mlflow")
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3, bucket="mlflow")
     try:
         yield server

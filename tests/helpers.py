@@ -58,3 +58,11 @@ def class_from_colour(image: np.ndarray, n_classes: int) -> int:
     r, g, b = image.reshape(-1, 3).mean(0) / 255
     h, _, _ = colorsys.rgb_to_hsv(r, g, b)
     return int(round(h * n_classes)) % n_classes
+
+
+def mlflow_client(uri: str):
+    """A client for exactly this store: without registry_uri, MlflowClient falls back to the
+    process-wide registry URI, which in-process registrations in other tests may have set."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PIPELINE, last_json, run_cli
-from mlflow.tracking import MlflowClient
+from helpers import PIPELINE, last_json, mlflow_client, run_cli
+
 
 from pipeline.config import TrainConfig
 from pipeline.local_services import free_ports
@@ -48,7 +48,7 @@ def test_racing_registrations_leave_one_champion_the_best(mlflow_server, tmp_pat
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr[-3000:]
         outs.append(last_json(stdout))
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     champion = client.get_model_version_by_alias("race", "champion")
     assert champion.tags["pipeline.val_top1"] == "0.7"
     versions = [v.version for v in client.search_model_versions("name = 'race'")]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PIPELINE, last_json, run_cli
-from mlflow.tracking import MlflowClient
+from helpers import PIPELINE, last_json, mlflow_client, run_cli
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 0.4, "lr_peak_epoch": 1,
@@ -49,7 +49,7 @@ def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, t
     runs = tmp_path / "runs" / "sweep" / "runs"
     for trial in runs.iterdir():   # finished trials were not trained again
         assert len(list((trial / "events").glob("*-driver_start-*"))) == 1
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     assert len(client.search_model_versions("name = 'run-model'")) == 1
 
     only = last_json(run_cli("run", "--config", config, "--only", "register", "--json", env=env).stdout)
@@ -69,7 +69,7 @@ def test_submit_to_a_ray_start_head(ray_head, train_data, tmp_path):
     assert "SUCCEEDED" in proc.stdout
     assert "not-printed-secret-42" not in proc.stdout + proc.stderr
     assert "AWS_SECRET_ACCESS_KEY" in proc.stdout   # named as passed, never shown
-    version = MlflowClient(tracking).get_model_version_by_alias("job-model", "champion")
+    version = mlflow_client(tracking).get_model_version_by_alias("job-model", "champion")
     assert str(version.version) == "1"
 
 

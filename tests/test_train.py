@@ -106,23 +106,33 @@ def test_driver_killed_then_rerun_with_same_name_resumes(train_data, ray_cluster
     print("recoveries:", json.dumps(out["recoveries"]))
 
 
+def train_while(cluster, args, run_dir: Path, change) -> dict:
+    """Train on `cluster` in a subprocess; once epoch 1 is checkpointed, `change(cluster)`;
+    return the run's JSON summary. The cluster is changed from this (main) thread: Ray's
+    cluster utilities hang when driven from a side thread."""
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    wait_for_checkpoint(run_dir, 1, proc)
+    change(cluster)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    reader.join(timeout=10)
+    return last_json("".join(lines))
+
+
 def test_node_removed_and_replaced_mid_training(train_data, tmp_path):
     """Rank 0's node may be the one removed: the run resumes from its checkpoint on the new node."""
+    def replace_a_node(cluster):
+        cluster.remove_node(list(cluster.worker_nodes)[0], allow_graceful=False)
+        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+
     cluster = start_cluster(2)
     try:
-        env = dict(os.environ, RAY_ADDRESS=cluster.address)
-        proc = subprocess.Popen([PIPELINE, *map(str, train_args(train_data, tmp_path, "node", epochs=4))],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        lines = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        wait_for_checkpoint(tmp_path / "runs" / "node", 1, proc)
-        victim = [n for n in cluster.worker_nodes][0]
-        cluster.remove_node(victim, allow_graceful=False)
-        cluster.add_node(num_cpus=1, resources={"trainer": 1})
-        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
-        reader.join(timeout=10)
-        out = last_json("".join(lines))
+        out = train_while(cluster, train_args(train_data, tmp_path, "node", epochs=4),
+                          tmp_path / "runs" / "node", replace_a_node)
     finally:
         cluster.shutdown()
     assert out["epochs_completed"] == 4 and out["restarts"] >= 1
@@ -134,19 +144,10 @@ def test_node_removed_and_replaced_mid_training(train_data, tmp_path):
 def test_elastic_training_grows_when_a_node_joins(train_data, tmp_path):
     cluster = start_cluster(1)
     try:
-        env = dict(os.environ, RAY_ADDRESS=cluster.address)
         args = train_args(train_data, tmp_path, "elastic", epochs=5, workers="1-2",
                           extra=["--elastic-resize-seconds", 3])
-        proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        lines = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        wait_for_checkpoint(tmp_path / "runs" / "elastic", 1, proc)
-        cluster.add_node(num_cpus=1, resources={"trainer": 1})
-        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
-        reader.join(timeout=10)
-        out = last_json("".join(lines))
+        out = train_while(cluster, args, tmp_path / "runs" / "elastic",
+                          lambda c: c.add_node(num_cpus=1, resources={"trainer": 1}))
     finally:
         cluster.shutdown()
     assert out["world_sizes"][0] == 1 and out["world_sizes"][-1] == 2, out

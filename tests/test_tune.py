@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PIPELINE, last_json, run_cli, upload_tree
-from mlflow.tracking import MlflowClient
+from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree
+
 
 TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 32,
         "--val-res", 32, "--start-ramp", 0, "--end-ramp", 0, "--lr-peak-epoch", 1,
@@ -45,7 +45,7 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
     assert out["model_name"] == "tiny-resnet" and out["alias"] == "champion"
     assert s3_storage.exists(f"s3://{bucket}/runs/sweep1/val_top1.png")
 
-    client = MlflowClient(mlflow_server.uri)
+    client = mlflow_client(mlflow_server.uri)
     exp = client.get_experiment_by_name("t1")
     parent = client.get_run(out["parent_run_id"])
     assert "val_top1.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
