@@ -93,6 +93,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and the last)")
     resource_wait_minutes: float = Field(
         10, gt=0, description="give up when the workers cannot be placed for this long")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand (cluster.yaml, "
+                                                 "KubeRay autoscaler): wait for room instead of "
+                                                 "refusing workers the current nodes cannot hold")
     init_from: str = Field("", description="fine-tune from a checkpoint URI or models:/NAME@ALIAS "
                                            "(the head is replaced when the class count differs)")
     seed: int = Field(0, description="seed for weights and data order")

@@ -69,9 +69,14 @@ def workers_that_fit(bundle: dict[str, float]) -> tuple[int, list[str]]:
 
 
 def check_capacity(cfg: TrainConfig, bundle: dict[str, float]) -> list[str]:
+    """Refuse, in words, workers that the cluster can never hold; on an autoscaling cluster the
+    nodes may still come, so only say that the run waits for them."""
     lo, _ = cfg.workers_range
     fits, nodes = workers_that_fit(bundle)
-    if fits < lo:
+    if fits < lo and cfg.autoscaling:
+        print(f"[train] the cluster holds {fits} of {lo} workers now; waiting up to "
+              f"{cfg.resource_wait_minutes:g} min for the autoscaler to add nodes", flush=True)
+    elif fits < lo:
         need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
         raise UserError(f"--num-workers {cfg.num_workers}: each worker needs {need}, and the "
                         f"cluster's nodes can hold {fits} such workers; lower --num-workers or "

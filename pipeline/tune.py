@@ -125,6 +125,9 @@ def plot_trials(results, rows: list[dict], path: str) -> None:
         if row["stopped_early"] and len(df):
             ax.plot(df["epoch"].iloc[-1], df["val_top1"].iloc[-1], "x", color=line.get_color(),
                     markersize=12, mew=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1")
     ax.set_title("val top-1 per trial")
@@ -164,9 +167,10 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     connect(ray_address)
     lo, _ = base.workers_range
     fits, _ = workers_that_fit(worker_bundle(base))
-    if fits < lo:
+    if fits < lo and not base.autoscaling:
         raise UserError(f"each trial needs {lo} workers of {worker_bundle(base)}, and the cluster "
-                        f"can hold {fits}; lower --num-workers or add nodes")
+                        f"can hold {fits}; lower --num-workers or add nodes (or set autoscaling "
+                        "when the cluster adds nodes on demand)")
     concurrent = settings.max_concurrent or max(1, fits // lo)
 
     parent = None
