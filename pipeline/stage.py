@@ -131,9 +131,10 @@ def stage_from_config(cfg, storage: Storage | None = None, ray_address: str | No
         raise UserError("--source and --dest are required")
     writer = WriterSettings(max_resolution=cfg.max_resolution, jpeg_quality=cfg.jpeg_quality,
                             compress_probability=cfg.compress_probability)
-    return stage(cfg.source, cfg.dest, layout=None if cfg.layout == "auto" else cfg.layout, splits=cfg.splits,
-                 writer=writer, shard_size=cfg.shard_size, workers=cfg.workers or None,
-                 storage=storage, ray_address=ray_address, progress=progress)
+    return stage(cfg.source, cfg.dest, layout=None if cfg.layout == "auto" else cfg.layout,
+                 splits=cfg.splits, writer=writer, shard_size=cfg.shard_size,
+                 workers=cfg.workers or None, storage=storage, ray_address=ray_address,
+                 progress=progress)
 
 
 def build_manifest(source, plans, records, writer, digest) -> ShardManifest:
