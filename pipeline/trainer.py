@@ -275,9 +275,11 @@ def train_worker(config: dict) -> None:
 
     start_epoch, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
+    final_metrics = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             start_epoch = resumed_from = trainer.load(folder)
+            final_metrics = json.loads(Path(folder, META_FILE).read_text()).get("metrics")
     elif config.get("init_state") is not None:
         note = trainer.init_weights(config["init_state"])
         if rank == 0:
@@ -285,8 +287,12 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         events.add("start", resumed_from_epoch=resumed_from, world_size=world)
 
+    if start_epoch >= cfg.epochs and final_metrics:
+        # The run had finished its last epoch when it was interrupted (its driver died before
+        # wrapping up): say the final result again, so whoever waits for reports (Tune) gets it.
+        ray.train.report(final_metrics)
+        return
     first_step = (lambda: events.add("first_step")) if rank == 0 else None
-    metrics = {}
     for epoch in range(start_epoch, cfg.epochs):
         train_stats = trainer.train_loop(epoch, on_first_step=first_step)
         first_step = None

@@ -87,10 +87,19 @@ def trial_fn(config: dict, base: dict, sweep: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TrainConfig(**{**base, **config, "name": trial_id, "storage": sweep["runs"]})
+    storage = sweep["storage"]
+    summary_uri = join(cfg.storage, trial_id, "summary.json")
+    if storage.exists(summary_uri):
+        # Finished before the sweep was killed, but Tune had not saved that yet: report the
+        # recorded result instead of training again.
+        done = json.loads(storage.read_bytes(summary_uri))
+        ray.tune.report({"epoch": done["epochs_completed"], "val_top1": done["val_top1"],
+                         "val_top5": done["val_top5"]})
+        return
     tracking = None
     if sweep.get("tracking"):
         tracking = Tracking(**{**sweep["tracking"], "trial_id": trial_id})
-    train(cfg, storage=sweep["storage"], callbacks=[TuneReportCallback()], tracking=tracking)
+    train(cfg, storage=storage, callbacks=[TuneReportCallback()], tracking=tracking)
 
 
 def trial_row(result, max_epochs: int) -> dict:
