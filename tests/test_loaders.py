@@ -1,4 +1,4 @@
-"""The reduced-scale JPEG decoder gives what FFCV's full-scale decoder gives."""
+"""The partial, reduced-scale JPEG decoder gives what FFCV's full-scale decoder gives."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +37,40 @@ def test_scaled_decode_matches_full_decode(tmp_path):
     a, b = _decode_all(path, ours), _decode_all(path, reference)
     assert a.shape == b.shape == (6, 64, 64, 3)
     assert np.abs(a - b).mean() < 2.0 and np.abs(a - b).max() < 24
+
+
+def test_partial_decode_gives_the_crop_of_a_full_decode():
+    import cv2
+    from ffcv.libffcv import imdecode
+
+    from pipeline.jpeg_crop import AVAILABLE, crop_decode
+
+    assert AVAILABLE, "pipeline/_jpeg_crop was not built: reinstall with `make install`"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:333, 0:479].astype(np.float32)
+    image = np.stack([xx / 479 * 255, yy / 333 * 255, rng.uniform(0, 255, xx.shape)], -1)
+    blob = cv2.imencode(".jpg", image.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].ravel()
+    full = np.empty(333 * 479 * 3, np.uint8)
+    assert imdecode(blob, full, 333, 479, 333, 479, 0, 0, 1, 1, False, False) == 0
+    full = full.reshape(333, 479, 3).astype(np.float32)
+    out, dims = np.empty(333 * 479 * 3, np.uint8), np.zeros(4, np.int64)
+    for y, x, h, w in [(0, 0, 333, 479), (37, 53, 100, 61), (200, 400, 133, 79), (5, 17, 24, 24)]:
+        assert crop_decode(blob, out, y, x, h, w, 1, dims) == 0
+        rows, row_w, left, cols = dims
+        part = out[:rows * row_w * 3].reshape(rows, row_w, 3)[:, left:left + cols]
+        assert part.shape == (h, w, 3)
+        diff = np.abs(part - full[y:y + h, x:x + w])
+        assert diff.mean() < 2.0 and diff.max() < 24, (y, x, h, w, diff.mean(), diff.max())
+    # at 1/2 scale: the crop of the whole image decoded at 1/2 scale (240 x 167)
+    half = np.empty(167 * 240 * 3, np.uint8)
+    assert imdecode(blob, half, 333, 479, 333, 479, 0, 0, 1, 2, False, False) == 0
+    half = half.reshape(167, 240, 3).astype(np.float32)[50:150, 100:220]
+    assert crop_decode(blob, out, 100, 200, 200, 240, 2, dims) == 0
+    rows, row_w, left, cols = dims
+    assert (rows, cols) == (100, 120)
+    part = out[:rows * row_w * 3].reshape(rows, row_w, 3)[:, left:left + cols]
+    diff = np.abs(part - half)
+    assert diff.mean() < 2.0 and diff.max() < 24
+    # a damaged JPEG is an error for the caller, never an exit of the process
+    assert crop_decode(blob[:len(blob) // 3].copy(), out, 0, 0, 333, 479, 1, dims) in (0, -1)
+    assert crop_decode(np.zeros(100, np.uint8), out, 0, 0, 10, 10, 1, dims) == -1
