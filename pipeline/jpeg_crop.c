@@ -14,9 +14,10 @@ static void on_error(j_common_ptr cinfo) {
 }
 static void no_message(j_common_ptr cinfo, int level) { (void)cinfo; (void)level; }
 
-/* Crop (y, x, h, w) in full-scale pixels, decoded at 1/denom scale into out (RGB rows of
- * dims[1] pixels). dims gets: rows written, row width, column of the crop's left edge in the row.
- * Returns 0, or -1 when libjpeg fails (the caller then decodes the whole image its own way). */
+/* Crop (y, x, h, w) in full-scale pixels, decoded at 1/denom scale into out. dims gets: rows
+ * written, pixels per row (the crop widened to whole iMCUs), the crop's first column in a row,
+ * the crop's width. Returns 0, or -1 when libjpeg fails (the caller then decodes the whole image
+ * its own way). */
 int crop_decode(const uint8_t *src, uint64_t size, uint8_t *out, uint64_t out_size,
                 int64_t y, int64_t x, int64_t h, int64_t w, int64_t denom, int64_t *dims) {
     struct jpeg_decompress_struct cinfo;
@@ -54,7 +55,12 @@ int crop_decode(const uint8_t *src, uint64_t size, uint8_t *out, uint64_t out_si
     if (ys > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)ys);
     for (int64_t r = 0; r < hs;) {
         JSAMPROW row = out + (uint64_t)r * cw * 3;
-        r += jpeg_read_scanlines(&cinfo, &row, 1);
+        JDIMENSION got = jpeg_read_scanlines(&cinfo, &row, 1);
+        if (got == 0) {   /* cannot happen with an in-memory source; never spin if it does */
+            jpeg_destroy_decompress(&cinfo);
+            return -1;
+        }
+        r += got;
     }
     jpeg_abort_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
