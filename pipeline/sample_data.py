@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import gzip
 import io
 import os
 import tarfile
@@ -90,7 +91,8 @@ def meta_mat_bytes(wnids: list[str], ids: dict[str, int], names: dict[str, str])
         synsets[i] = row
     buf = io.BytesIO()
     savemat(buf, {"synsets": synsets})
-    return buf.getvalue()
+    # the 116-byte text header says when it was written; fixed, so a seed gives the same bytes
+    return b"MATLAB 5.0 MAT-file, written by pipeline sample-data".ljust(116) + buf.getvalue()[116:]
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -175,7 +177,9 @@ def generate(out: str, layout: str = "folders", classes: int = 10, train_per_cla
             write(f"{DEVKIT}/{META_MAT}", meta)
         else:
             buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            # gzip stamps the current time into its header unless told otherwise
+            with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, \
+                    tarfile.open(fileobj=gz, mode="w") as tar:
                 _add_bytes(tar, f"{DEVKIT}/{GROUND_TRUTH}", gt.encode())
                 _add_bytes(tar, f"{DEVKIT}/{META_MAT}", meta)
             write(DEVKIT_TAR, buf.getvalue())
