@@ -127,7 +127,7 @@ def run(cfg: PipelineConfig, steps: tuple[str, ...] = STEPS, storage: Storage | 
 
 def _previous_result(storage: Storage, cfg: PipelineConfig, train_cfg: TrainConfig) -> dict:
     """For `--only register`: the best checkpoint of the sweep (or run) that already finished."""
-    from .train import absolute
+    from .train import SUMMARY_FILE, absolute
 
     base = absolute(train_cfg.storage)
     if cfg.tune is not None:
@@ -136,7 +136,7 @@ def _previous_result(storage: Storage, cfg: PipelineConfig, train_cfg: TrainConf
         key = "best_checkpoint"
     else:
         folder = join(base, train_cfg.name or "run")
-        path = join(folder, "summary.json")
+        path = join(folder, SUMMARY_FILE)
         key = "checkpoint"
     if not storage.exists(path):
         raise UserError(f"nothing to register yet: {path} is missing (run the tune/train step first)")

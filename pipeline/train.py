@@ -21,6 +21,8 @@ from .tracking import (Tracking, experiment_id, find_or_start_run, lineage_tags,
 from .tracking import client as tracking_client
 from .trainer import CHECKPOINT_FILE, FAULT_ENV, META_FILE, train_worker
 
+SUMMARY_FILE = "summary.json"   # written last, once a run has finished
+
 
 def absolute(uri: str) -> str:
     """Workers chdir into their run folder: local paths must not be relative."""
@@ -194,6 +196,12 @@ def finish_tracking(run: dict | None, summary: dict | None) -> None:
     run["client"].set_terminated(run["run_id"], status="FINISHED")
 
 
+def finished_summary(storage: Storage, run_dir: str) -> dict | None:
+    """The summary a run writes once it has finished; None while it has not."""
+    uri = join(run_dir, SUMMARY_FILE)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
 def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
           callbacks: list | None = None, tracking: Tracking | None = None) -> dict:
     """Run (or resume, when cfg.name names an unfinished run) and return the final summary."""
@@ -282,6 +290,6 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         "run_dir": run_dir,
         "mlflow_run_id": run and run["run_id"],
     }
-    storage.write_bytes(join(run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=1).encode())
     finish_tracking(run, summary)
     return summary

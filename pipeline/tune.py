@@ -83,16 +83,15 @@ def trial_fn(config: dict, base: dict, sweep: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import train
+    from .train import finished_summary, train
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TrainConfig(**{**base, **config, "name": trial_id, "storage": sweep["runs"]})
     storage = sweep["storage"]
-    summary_uri = join(cfg.storage, trial_id, "summary.json")
-    if storage.exists(summary_uri):
+    done = finished_summary(storage, join(cfg.storage, trial_id))
+    if done is not None:
         # Finished before the sweep was killed, but Tune had not saved that yet: report the
         # recorded result instead of training again.
-        done = json.loads(storage.read_bytes(summary_uri))
         ray.tune.report({"epoch": done["epochs_completed"], "val_top1": done["val_top1"],
                          "val_top5": done["val_top5"]})
         return
@@ -247,13 +246,13 @@ def summarize(results, base, settings, storage, sweep_dir, parent, tracking) -> 
     if not done:
         raise UserError(f"sweep {settings.name}: every trial failed; see the trial errors above")
     best = max(done, key=lambda r: (r["epochs_completed"], r["val_top1"]))
-    summary_uri = join(sweep_dir, "runs", best["id"], "summary.json")
-    best_checkpoint = None
-    if storage.exists(summary_uri):
-        best_checkpoint = json.loads(storage.read_bytes(summary_uri))["checkpoint"]
-    elif best["checkpoint_path"]:   # Ray's path, without the s3:// of its filesystem
-        from .train import checkpoint_uri
+    from .train import checkpoint_uri, finished_summary
 
+    best_summary = finished_summary(storage, join(sweep_dir, "runs", best["id"]))
+    best_checkpoint = None
+    if best_summary is not None:
+        best_checkpoint = best_summary["checkpoint"]
+    elif best["checkpoint_path"]:   # Ray's path, without the s3:// of its filesystem
         best_checkpoint = checkpoint_uri(best["checkpoint_path"], base.storage)
 
     with tempfile.TemporaryDirectory() as tmp:
