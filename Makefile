@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev libjpeg-dev
 
-.PHONY: install test demo bench clean system-deps
+.PHONY: install test test-fast demo bench clean system-deps
 
 install: $(STAMP)
 
 # ffcv compiles a C extension against libturbojpeg and opencv4: without these apt packages its
 # setup.py fails with "Could not find required package: opencv4". Our partial JPEG decoder
-# (pipeline/jpeg_crop.c) needs libjpeg's headers.
+# (pipeline/data/jpeg_crop.c) needs libjpeg's headers.
 system-deps:
 	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then :; \
 	elif [ "$$(id -u)" = "0" ]; then \
@@ -23,7 +23,7 @@ system-deps:
 		exit 2; \
 	fi
 
-$(STAMP): pyproject.toml setup.py pipeline/jpeg_crop.c | system-deps
+$(STAMP): pyproject.toml setup.py pipeline/data/jpeg_crop.c | system-deps
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (the project needs Python 3.11)"; exit 2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml setup.py pipeline/jpeg_crop.c | system-deps
 
 test: install
 	$(BIN)/python -m pytest -v tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: install
 	$(BIN)/pipeline demo

@@ -1,53 +1,94 @@
-"""The `pipeline` command. Each subcommand parses its flags here and calls one library function.
+"""The `pipeline` command. Each subcommand registers its parser with @command and calls one library
+function.
 
 A UserError anywhere (bad path, wrong key, unknown layout...) becomes one line on stderr and exit
-code 2; only a bug gives a traceback.
+status 2; Ctrl-C / SIGTERM exit 130 / 143 with a line on how to resume; only a bug gives a
+traceback (in quiet mode: one line, the traceback in the log file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
 
-from .errors import UserError
-
-
-def _s3_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("S3 (defaults: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; keys only from "
-                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance profile, never "
-                             "flags, so they stay out of shell history and ps)")
-    g.add_argument("--s3-endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
-    g.add_argument("--s3-region", help="S3 region")
+from . import console
+from .errors import Interrupted, UserError
 
 
-def _json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+@dataclass
+class Command:
+    name: str
+    help: str
+    description: str
+    run: Callable
+    arguments: Callable | None
+    groups: tuple[str, ...]
+    resume_hint: str
 
 
-def _ray_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+COMMANDS: list[Command] = []
 
 
-def _tracking_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<cwd>/mlflow.db)")
+def command(name: str, help: str, description: str, *, arguments: Callable | None = None,
+            groups: tuple[str, ...] = (), resume_hint: str = "re-run the same command to resume"):
+    """Register a subcommand: its own arguments, plus shared groups of flags (config, ray,
+    tracking, json, s3, verbose: quiet terminal with a log file unless --verbose)."""
+    def register(fn):
+        COMMANDS.append(Command(name, help, description, fn, arguments, groups, resume_hint))
+        return fn
+    return register
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by the commands that run training: where Ray and MLflow are."""
-    _ray_flag(p)
-    _tracking_flag(p)
-    p.add_argument("--experiment", default="pipeline", help="MLflow experiment")
-    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    _json_flag(p)
-    _s3_flags(p)
+# -- shared flags ---------------------------------------------------------------------------------
+def _add_group(p: argparse.ArgumentParser, group: str) -> None:
+    if group == "config":
+        p.add_argument("--config", help="YAML file: this command's settings at its top level, or "
+                                        "sections (stage:, train:, tune:, register:) as for `run`")
+    elif group == "ray":
+        p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else local)")
+    elif group == "tracking":
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                              "else sqlite:///<cwd>/mlflow.db)")
+    elif group == "runs":
+        p.add_argument("--experiment", default="pipeline", help="MLflow experiment")
+        p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    elif group == "json":
+        p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    elif group == "verbose":
+        p.add_argument("--verbose", action="store_true",
+                       help="stream Ray's and Tune's own output here instead of to the log file")
+    elif group == "s3":
+        g = p.add_argument_group(
+            "S3 (defaults: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; keys only from the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance profile), never flags, "
+            "so they stay out of shell history and ps)")
+        g.add_argument("--s3-endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+        g.add_argument("--s3-region", help="S3 region")
+        g.add_argument("--s3-outage-minutes", type=float, default=3.0,
+                       help="ride out an S3 endpoint that stops answering for this long, then "
+                            "fail (default: 3)")
+
+
+RUN_GROUPS = ("config", "ray", "tracking", "runs", "json", "verbose", "s3")
 
 
 def _storage(args):
     from .storage import S3Settings, Storage
 
-    return Storage(S3Settings.from_env(endpoint_url=args.s3_endpoint_url, region=args.s3_region))
+    return Storage(S3Settings.from_env(endpoint_url=getattr(args, "s3_endpoint_url", None),
+                                       region=getattr(args, "s3_region", None),
+                                       outage_seconds=60 * getattr(args, "s3_outage_minutes", 3.0)))
+
+
+def _tracking(args):
+    from .tracking import Tracking, tracking_uri
+
+    return None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
 
 
 def _print_json(obj) -> None:
@@ -58,176 +99,18 @@ def _print_json(obj) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-    sys.stdout.flush()
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
-    sys.stdout.flush()
+    console.say(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _flags(args) -> set[str]:
+    """The settings typed on the command line (argparse leaves the others unset)."""
+    return set(vars(args))
 
 
 # -- sample-data --------------------------------------------------------------------------------
-def cmd_sample_data(args) -> int:
-    from .sample_data import generate
+def _sample_data_args(p):
+    from .config import LAYOUTS
 
-    out = generate(args.out, layout=args.layout, classes=args.classes,
-                   train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                   seed=args.seed, bad_files=args.bad_files, storage=_storage(args))
-    print(f"wrote {out['train_images']} train and {out['val_images']} val images of "
-          f"{len(out['classes'])} classes ({args.layout} layout) to {args.out}")
-    if args.json:
-        _print_json(out)
-    return 0
-
-
-# -- stage --------------------------------------------------------------------------------------
-def cmd_stage(args) -> int:
-    from .config import StageConfig, from_args
-    from .stage import stage_from_config
-
-    cfg = from_args(StageConfig, args, "stage")
-    result = stage_from_config(cfg, storage=_storage(args), ray_address=args.ray_address,
-                               progress=not args.quiet)
-    s = result.summary()
-    split_text = ", ".join(f"{k}: {v} images" for k, v in s["splits"].items())
-    print(f"staged {cfg.dest}: {split_text}; {s['shards_written']} shards written, "
-          f"{s['shards_reused']} already complete, {s['skipped']} files skipped "
-          f"(listed in manifest.json) in {s['seconds']} s")
-    if args.json:
-        _print_json({"dest": cfg.dest, **s})
-    return 0
-
-
-# -- train --------------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from .config import TrainConfig, from_args
-    from .train import train
-
-    from .tracking import Tracking, tracking_uri
-
-    cfg = from_args(TrainConfig, args, "train")
-    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
-    out = train(cfg, storage=_storage(args), ray_address=args.ray_address, tracking=tracking)
-    print(f"trained {out['name']}: val top-1 {out['val_top1']:.4f}, top-5 {out['val_top5']:.4f} "
-          f"after {out['epochs_completed']} epochs; {out['restarts']} restart(s); "
-          f"checkpoint {out['checkpoint']}")
-    for r in out["recoveries"]:
-        print(f"  recovered from {r['cause']} in {r['seconds']} s")
-    if args.json:
-        _print_json(out)
-    return 0
-
-
-# -- tune ---------------------------------------------------------------------------------------
-def cmd_tune(args) -> int:
-    from .config import TrainConfig, from_args
-    from .tracking import Tracking, tracking_uri
-    from .tune import TuneSettings, tune
-
-    base = from_args(TrainConfig, args, "train", skip=("name",))
-    settings = from_args(TuneSettings, args, "tune")
-    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
-    out = tune(base, settings, storage=_storage(args), ray_address=args.ray_address,
-               tracking=tracking, resume=args.resume)
-    print(f"sweep {out['name']}: best trial {out['best_trial']} val top-1 "
-          f"{out['best_val_top1']:.4f} (config {json.dumps(out['best_config'], default=str)})")
-    for t in out["trials"]:
-        flag = " stopped early" if t["stopped_early"] else ""
-        print(f"  {t['id']}: {t['status']}{flag}, {t['epochs_completed']} epochs, "
-              f"val top-1 {t['val_top1']}")
-    print(f"plot: {out['plot']}")
-    if "model_version" in out:
-        p = out["promotion"]
-        print(f"registered {out['model_name']} version {out['model_version']} as @{out['alias']} "
-              f"(val top-1 {p['val_top1']} vs champion {p['previous_champion_val_top1']})")
-    if args.json:
-        out.pop("promotion", None)
-        _print_json(out)
-    return 0
-
-
-# -- register / predict -------------------------------------------------------------------------
-def cmd_register(args) -> int:
-    from .registry import register
-    from .tracking import redact, tracking_uri
-
-    out = register(args.checkpoint, args.model, _storage(args), tracking_uri(args.tracking_uri))
-    prev = out["previous_champion_val_top1"]
-    print(f"registered {out['model_name']} version {out['model_version']}: val top-1 "
-          f"{out['val_top1']:.4f} vs current champion "
-          f"{'none' if prev is None else f'{prev:.4f}'} -> @{out['decision']} "
-          f"(tracking: {redact(tracking_uri(args.tracking_uri))})")
-    if args.json:
-        _print_json(out)
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from .predict import predict
-
-    results = predict(args.model, args.images, args.tracking_uri, top=args.top)
-    for r in results:
-        print(r["image"])
-        for t in r["top"]:
-            print(f"  {t['probability']:.4f}  {t['wnid']}  {t['name']}")
-    if args.json:
-        _print_json({"model": args.model, "predictions": results})
-    return 0
-
-
-# -- run / demo / submit ---------------------------------------------------------------------------
-def cmd_run(args) -> int:
-    from .run import STEPS, load_pipeline_config, run
-    from .tracking import Tracking, redact, tracking_uri
-
-    cfg = load_pipeline_config(args.config)
-    steps = tuple(args.only or [s for s in STEPS if s not in (args.skip or [])])
-    tracking = None if args.no_tracking else Tracking(tracking_uri(args.tracking_uri), args.experiment)
-    landed = run(cfg, steps, storage=_storage(args), ray_address=args.ray_address,
-                 tracking=tracking)
-    for key in ("dataset", "sweep", "run", "plot", "checkpoint", "model_name", "model_version",
-                "alias"):
-        if key in landed:
-            print(f"{key}: {landed[key]}")
-    if tracking:
-        print(f"mlflow: {redact(tracking.uri)} (experiment {tracking.experiment})")
-    if args.json:
-        _print_json(landed)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import demo
-
-    out = demo(args.workdir, stack=args.stack, keep=args.keep)
-    if args.json:
-        _print_json(out)
-    return 0
-
-
-def cmd_submit(args) -> int:
-    from .submit import submit
-
-    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
-    _, status = submit(args.address, command, wait=not args.no_wait)
-    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
-
-
-# -- bench --------------------------------------------------------------------------------------
-def cmd_bench(args) -> int:
-    from . import bench
-
-    return bench.main(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .imagenet_source import LAYOUTS
-
-    parser = argparse.ArgumentParser(
-        prog="pipeline",
-        description="ImageNet -> FFCV shards on object storage -> Ray Train/Tune ResNets -> MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("sample-data", help="write a small, learnable ImageNet look-alike",
-                       description="Write a small ImageNet look-alike (real wnids and names, "
-                                   "ImageNet-like JPEG sizes) in one of the real layouts.")
     p.add_argument("out", help="output folder (new or empty), or s3://bucket/prefix")
     p.add_argument("--layout", choices=LAYOUTS, default="folders")
     p.add_argument("--classes", type=int, default=10)
@@ -237,127 +120,354 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad-files", action="store_true",
                    help="add a PNG named .JPEG, a CMYK and a greyscale JPEG, a truncated JPEG and "
                         "an empty file, as real ImageNet has")
-    _json_flag(p)
-    _s3_flags(p)
-    p.set_defaults(fn=cmd_sample_data)
 
-    from .config import StageConfig, TrainConfig, add_model_flags
 
-    p = sub.add_parser("stage", help="stage ImageNet into FFCV shards + manifest.json",
-                       description="Convert ImageNet (any layout, local or s3://) into FFCV .beton "
-                                   "shards and a manifest.json, one Ray task per shard. Re-running "
-                                   "resumes: only missing or corrupt shards are written.")
-    p.add_argument("--config", help="YAML with the same keys (or a stage: section)")
+@command("sample-data", "write a small, learnable ImageNet look-alike",
+         "Write a small ImageNet look-alike (real wnids and names, ImageNet-like JPEG sizes) in "
+         "one of the real layouts.", arguments=_sample_data_args, groups=("json", "s3"))
+def cmd_sample_data(args) -> int:
+    from .data.sample_data import generate
+
+    out = generate(args.out, layout=args.layout, classes=args.classes,
+                   train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                   seed=args.seed, bad_files=args.bad_files, storage=_storage(args))
+    console.say(f"wrote {out['train_images']} train and {out['val_images']} val images of "
+                f"{len(out['classes'])} classes ({args.layout} layout) to {args.out}")
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+# -- stage --------------------------------------------------------------------------------------
+def _stage_args(p):
+    from .config import StageConfig, add_model_flags
+
     add_model_flags(p, StageConfig)
-    _ray_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    _json_flag(p)
-    _s3_flags(p)
-    p.set_defaults(fn=cmd_stage)
 
-    p = sub.add_parser("train", help="train a ResNet on a staged dataset with Ray Train",
-                       description="Fault-tolerant multi-node ResNet training (Ray Train, DDP) "
-                                   "with the FFCV ImageNet recipe. Settings: defaults < --config "
-                                   "FILE.yaml < flags. Re-running with the same --name resumes.")
-    p.add_argument("--config", help="YAML file with the same keys as the flags (data, arch, ...)")
+
+@command("stage", "stage ImageNet into FFCV shards + manifest.json",
+         "Convert ImageNet (any layout, local or s3://) into FFCV .beton shards and a "
+         "manifest.json, one Ray task per shard. Re-running resumes: only missing or corrupt "
+         "shards are written.", arguments=_stage_args,
+         groups=("config", "ray", "json", "verbose", "s3"))
+def cmd_stage(args) -> int:
+    from .config import StageConfig, from_args
+    from .data.stage import stage
+
+    cfg = from_args(args, {"stage": StageConfig})["stage"]
+    result = stage(cfg, storage=_storage(args), ray_address=args.ray_address,
+                   progress=not args.quiet)
+    s = result.summary()
+    split_text = ", ".join(f"{k}: {v} images" for k, v in s["splits"].items())
+    console.say(f"[stage] staged {cfg.dest}: {split_text}; {s['shards_written']} shards written, "
+                f"{s['shards_reused']} already complete, {s['skipped']} files skipped "
+                f"(listed in manifest.json) in {s['seconds']} s")
+    if args.json:
+        _print_json({"dest": cfg.dest, **s})
+    return 0
+
+
+# -- train --------------------------------------------------------------------------------------
+def _train_args(p):
+    from .config import TrainConfig, add_model_flags
+
     add_model_flags(p, TrainConfig)
-    _run_flags(p)
-    p.set_defaults(fn=cmd_train)
 
-    from .tune import TuneSettings
 
-    p = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune + ASHA) with MLflow tracking",
-                       description="A Ray Tune sweep in which every trial is one `pipeline train` "
-                                   "run; ASHA stops weak trials early; trials are MLflow child runs "
-                                   "of the sweep's run. Training flags are the fixed settings.")
-    p.add_argument("--config", help="YAML with train: and tune: sections (or train keys at the top)")
+@command("train", "train a ResNet on a staged dataset with Ray Train",
+         "Fault-tolerant multi-node ResNet training (Ray Train, DDP) with the FFCV ImageNet "
+         "recipe. Settings: defaults < --config FILE.yaml < flags. Re-running with the same "
+         "--name resumes.", arguments=_train_args, groups=RUN_GROUPS)
+def cmd_train(args) -> int:
+    from .config import TrainConfig, from_args
+    from .training.launch import train
+
+    cfg = from_args(args, {"train": TrainConfig})["train"]
+    out = train(cfg, storage=_storage(args), ray_address=args.ray_address,
+                tracking=_tracking(args), say=console.say)
+    console.say(f"[train] trained {out['name']}: val top-1 {out['val_top1']:.4f}, top-5 "
+                f"{out['val_top5']:.4f} after {out['epochs_completed']} epochs; "
+                f"{out['restarts']} restart(s); checkpoint {out['checkpoint']}")
+    for r in out["recoveries"]:
+        console.say(f"[train]   recovered from {r['cause']} in {r['seconds']} s")
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+# -- tune ---------------------------------------------------------------------------------------
+def _tune_args(p):
+    from .config import RegisterConfig, TrainConfig, TuneSettings, add_model_flags
+
     add_model_flags(p, TuneSettings)
+    add_model_flags(p, RegisterConfig, skip=("model",))
     add_model_flags(p, TrainConfig, skip=("name",))
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep of this --name; finished trials are kept")
-    _run_flags(p)
-    p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("register", help="register a checkpoint in the MLflow model registry",
-                       description="Log a checkpoint's model to MLflow, register a new version, "
-                                   "and give it @champion only if its val top-1 beats the current "
-                                   "champion's (else @challenger).")
+
+@command("tune", "hyperparameter sweep (Ray Tune + ASHA) with MLflow tracking",
+         "A Ray Tune sweep in which every trial is one `pipeline train` run; ASHA stops weak "
+         "trials early; trials are MLflow child runs of the sweep's run. Settings given as flags "
+         "or in the config file are fixed; the search space covers the rest.",
+         arguments=_tune_args, groups=RUN_GROUPS,
+         resume_hint="re-run the same command with --resume to finish the sweep")
+def cmd_tune(args) -> int:
+    from .config import RegisterConfig, TrainConfig, TuneSettings, from_args
+    from .sweep.tune import tune
+
+    got = from_args(args, {"train": TrainConfig, "tune": TuneSettings, "register": RegisterConfig},
+                    skip={"train": ("name",), "register": ("model",)})
+    base, settings = got["train"], got["tune"]
+    out = tune(base, settings, storage=_storage(args), ray_address=args.ray_address,
+               tracking=_tracking(args), resume=args.resume, flags=_flags(args),
+               explicit=base.explicit(), min_val_top1=got["register"].min_val_top1 or None,
+               say=console.say)
+    console.say(f"[tune] sweep {out['name']}: best trial {out['best_trial']} val top-1 "
+                f"{out['best_val_top1']:.4f} (config {json.dumps(out['best_config'], default=str)})")
+    for t in out["trials"]:
+        flag = " stopped early" if t["stopped_early"] else ""
+        console.say(f"[tune]   {t['id']}: {t['status']}{flag}, {t['epochs_completed']} epochs, "
+                    f"val top-1 {t['val_top1']}")
+    console.say(f"[tune] plot: {out['plot']}")
+    if "model_version" in out:
+        _say_registration(out["promotion"])
+    if args.json:
+        out.pop("promotion", None)
+        _print_json(out)
+    return 0
+
+
+def _say_registration(p: dict) -> None:
+    alias = f"@{p['alias']}" if p.get("alias") else "without an alias"
+    console.say(f"[register] {p['model_name']} version {p['model_version']} registered {alias}: "
+                f"{p['reason']}")
+
+
+# -- register / promote / predict ---------------------------------------------------------------
+def _register_args(p):
+    from .config import RegisterConfig, add_model_flags
+
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or s3://)")
-    p.add_argument("--model", required=True, help="registered model name")
-    _tracking_flag(p)
-    _json_flag(p)
-    _s3_flags(p)
-    p.set_defaults(fn=cmd_register)
+    add_model_flags(p, RegisterConfig)
 
-    p = sub.add_parser("predict", help="top-5 classes of images from a registered model",
-                       description="Load a registered model and print the top classes (wnid, name, "
-                                   "probability) of each image, preprocessed as recorded.")
+
+@command("register", "register a checkpoint in the MLflow model registry",
+         "Log a checkpoint's model to MLflow and register a new version. It becomes @champion "
+         "only if it is clearly better than chance and beats the current champion on the same "
+         "validation set; else @challenger (it lost) or no alias (not comparable, or at chance).",
+         arguments=_register_args, groups=("config", "tracking", "json", "s3"))
+def cmd_register(args) -> int:
+    from .config import RegisterConfig, from_args
+    from .registry.promote import register
+    from .tracking import tracking_uri
+
+    cfg = from_args(args, {"register": RegisterConfig})["register"]
+    if not cfg.model:
+        raise UserError("--model is required: the registered model's name")
+    out = register(args.checkpoint, cfg.model, _storage(args), tracking_uri(args.tracking_uri),
+                   min_val_top1=cfg.min_val_top1 or None)
+    _say_registration(out)
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def _promote_args(p):
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--version", required=True, help="the version to make @champion")
+    p.add_argument("--reason", default="", help="why (recorded on the version)")
+
+
+@command("promote", "give @champion to a version by hand (e.g. a rollback)",
+         "Move @champion to a version of your choice; who, when and why are recorded as version "
+         "tags. Later registrations are compared with the version it names.",
+         arguments=_promote_args, groups=("tracking", "json"))
+def cmd_promote(args) -> int:
+    from .registry.promote import promote
+
+    out = promote(args.model, args.version, args.reason, args.tracking_uri)
+    before = out["previous_champion_version"]
+    console.say(f"[promote] {out['model_name']} version {out['model_version']} is @champion "
+                f"(was version {before or 'none'}), by {out['by']} at {out['at']}")
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def _predict_args(p):
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top", type=int, default=5)
-    _tracking_flag(p)
-    _json_flag(p)
-    p.set_defaults(fn=cmd_predict)
 
-    from .run import STEPS
 
-    p = sub.add_parser("run", help="stage -> tune -> register from one config file",
-                       description="Drive the chain from one YAML file with stage:, train:, tune: "
-                                   "and register: sections. Each step can be run alone (--only) "
-                                   "or skipped (--skip); re-running after a crash resumes.")
-    p.add_argument("--config", required=True, help="pipeline config (see jobs/configs/)")
+@command("predict", "top-5 classes of images from a registered model",
+         "Load a registered model and print the top classes (wnid, name, probability) of each "
+         "image, preprocessed as recorded. An image that cannot be read is reported in one line; "
+         "the others are still predicted; the exit status is then 2.",
+         arguments=_predict_args, groups=("tracking", "json"))
+def cmd_predict(args) -> int:
+    from .registry.predict import predict
+
+    results = predict(args.model, args.images, args.tracking_uri, top=args.top)
+    for r in results:
+        if "error" in r:
+            console.warn(f"error: {r['image']}: {r['error']}")
+            continue
+        console.say(r["image"])
+        for t in r["top"]:
+            console.say(f"  {t['probability']:.4f}  {t['wnid']}  {t['name']}")
+    if args.json:
+        _print_json({"model": args.model, "predictions": results})
+    return 2 if any("error" in r for r in results) else 0
+
+
+# -- run / demo / submit ---------------------------------------------------------------------------
+def _run_args(p):
+    from .ops.run import STEPS
+
     p.add_argument("--only", nargs="+", choices=STEPS, help="run just these steps")
     p.add_argument("--skip", nargs="+", choices=STEPS, help="skip these steps")
-    _run_flags(p)
-    p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("demo", help="the whole chain on this machine in a few minutes",
-                       description="Sample data -> stage -> a small sweep on a local Ray -> "
-                                   "register -> predict, with the embedded defaults (local files, "
-                                   "SQLite MLflow store in the current folder).")
+
+@command("run", "stage -> tune -> register from one config file",
+         "Drive the chain from one YAML file with stage:, train:, tune: and register: sections. "
+         "Each step can be run alone (--only) or skipped (--skip); re-running after a crash "
+         "resumes.", arguments=_run_args, groups=RUN_GROUPS)
+def cmd_run(args) -> int:
+    from .ops.run import STEPS, load_pipeline_config, run
+    from .tracking import redact
+
+    if not args.config:
+        raise UserError("--config is required: the pipeline's YAML file (see jobs/configs/)")
+    cfg = load_pipeline_config(args.config)
+    steps = tuple(args.only or [s for s in STEPS if s not in (args.skip or [])])
+    tracking = _tracking(args)
+    landed = run(cfg, steps, storage=_storage(args), ray_address=args.ray_address,
+                 tracking=tracking, say=console.say)
+    for key in ("dataset", "sweep", "run", "plot", "checkpoint", "model_name", "model_version",
+                "alias"):
+        if key in landed:
+            console.say(f"[run] {key}: {landed[key]}")
+    if tracking:
+        console.say(f"[run] mlflow: {redact(tracking.uri)} (experiment {tracking.experiment})")
+    if args.json:
+        _print_json(landed)
+    return 0
+
+
+def _demo_args(p):
     p.add_argument("--workdir", default="demo", help="where the demo's data and runs go")
     p.add_argument("--stack", action="store_true",
                    help="use the local stack instead (SeaweedFS S3 + MLflow server, infra/local/)")
     p.add_argument("--keep", action="store_true", help="with --stack: leave the stack running")
-    _json_flag(p)
-    p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("submit", help="run a pipeline command as a Ray job on a cluster",
-                       description="Submit `pipeline <command>` to a Ray cluster's job server with "
-                                   "this project as working_dir and the S3/MLflow environment "
-                                   "passed through (never printed); follow the logs and exit with "
-                                   "the job's status.")
+
+@command("demo", "the whole chain on this machine in a few minutes",
+         "Sample data -> stage -> a small sweep on a local Ray -> register -> predict, with the "
+         "embedded defaults (local files, SQLite MLflow store in the current folder).",
+         arguments=_demo_args, groups=("json", "verbose"))
+def cmd_demo(args) -> int:
+    from .ops.demo import demo
+
+    out = demo(args.workdir, stack=args.stack, keep=args.keep, say=console.say)
+    if args.json:
+        _print_json(out)
+    return 0
+
+
+def _submit_args(p):
     p.add_argument("--address", required=True, help="the head's dashboard, http://HEAD:8265")
     p.add_argument("--no-wait", action="store_true", help="submit and return")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="the pipeline subcommand and its arguments")
-    p.set_defaults(fn=cmd_submit)
 
-    p = sub.add_parser("bench", help="benchmarks that print figures",
-                       description="Benchmarks: each prints a table and one JSON line.")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+
+@command("submit", "run a pipeline command as a Ray job on a cluster",
+         "Submit `pipeline <command>` to a Ray cluster's job server with this project as "
+         "working_dir and where S3/MLflow are (never credentials: the cluster has its own); "
+         "follow the logs and exit with the job's status.", arguments=_submit_args)
+def cmd_submit(args) -> int:
+    from .ops.submit import submit
+
+    command_args = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    _, status = submit(args.address, command_args, wait=not args.no_wait, say=console.say)
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
+# -- bench --------------------------------------------------------------------------------------
+def _bench_args(p):
     from . import bench
 
-    bench.add_parsers(bsub, _s3_flags)
-    p.set_defaults(fn=cmd_bench)
+    bench.add_parsers(p.add_subparsers(dest="bench", required=True, metavar="WHAT"),
+                      lambda q: _add_group(q, "s3"))
+
+
+@command("bench", "benchmarks that print figures",
+         "Benchmarks: each prints a table and one JSON line.", arguments=_bench_args)
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+# -- main -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="ImageNet -> FFCV shards on object storage -> Ray Train/Tune ResNets -> MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description)
+        if cmd.arguments:
+            cmd.arguments(p)
+        for group in cmd.groups:
+            _add_group(p, group)
+        p.set_defaults(command_spec=cmd)
     return parser
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def main(argv=None) -> int:
     # MLflow draws a progress bar for every artifact download; on a terminal that is noise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    cmd: Command = args.command_spec
+    if "verbose" in cmd.groups and not args.verbose:
+        log_dir = os.path.join(args.workdir, "logs") if cmd.name == "demo" else None
+        path = console.quiet(cmd.name, log_dir)
+        console.say(f"[pipeline] Ray's and Tune's own output goes to {path} (--verbose shows it here)")
+    if threading_main():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        return args.fn(args)
+        return cmd.run(args)
     except UserError as exc:
         # An error raised inside a Ray task arrives wrapped; say only the user's part.
         cause = getattr(exc, "cause", None)
-        print(f"error: {cause if isinstance(cause, UserError) else exc}", file=sys.stderr)
+        console.warn(f"error: {cause if isinstance(cause, UserError) else exc}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume where it stopped", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        console.warn(f"interrupted ({signal.Signals(signum).name}): nothing was registered or "
+                     f"marked finished; {cmd.resume_hint}")
+        return 128 + signum
+    except Exception as exc:   # a bug: one line here, the traceback where it can be read
+        if console.log_path() is None:
+            raise
+        traceback.print_exc()
+        console.warn(f"error: unexpected {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]} "
+                     f"(traceback in {console.log_path()})")
+        return 1
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Configuration as plain values with one override path: model defaults < YAML file < flags.
+"""Every setting of the pipeline, as plain values with one override path: defaults < YAML file < flags.
 
-The pydantic models are the single source: the CLI flags, the config-file keys and the README's
-configuration reference are all generated from them.
+The pydantic models below are the single source: the CLI flags, the config-file keys and the
+README's configuration reference are all generated from them. A setting's name is unique across
+the whole file, so a flag (`--lr`), a flat key in a config file (`lr: 0.5`) and a search-space key
+all name it the same way; in a file, the training settings may also be grouped in their sections
+(`recipe:`, `loader:`, `resources:`, `run:`), as in ffcv-imagenet's configs.
 """
 from __future__ import annotations
 
@@ -10,49 +13,61 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+LAYOUTS = ("folders", "kaggle", "devkit", "tars")
+SPLITS = ("train", "val")
 
 
-class StageConfig(BaseModel):
-    """`pipeline stage`: ImageNet (any layout, local or s3://) -> FFCV shards + manifest.json."""
-
+class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("", description="ImageNet root: folder or s3://bucket/prefix")
-    dest: str = Field("", description="staged dataset: folder or s3://bucket/prefix")
-    layout: Literal["auto", "folders", "kaggle", "devkit", "tars"] = Field(
-        "auto", description="source layout (auto: detected)")
-    splits: list[Literal["train", "val"]] = Field(["train", "val"], description="splits to stage")
+
+# -- stage ----------------------------------------------------------------------------------------
+class WriterSettings(Settings):
+    """How images are stored in the shards (recorded in manifest.json)."""
+
     max_resolution: int = Field(512, ge=16, le=4096, description="longest side kept (px)")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of stored images")
     compress_probability: float = Field(0.5, ge=0, le=1, description="share of images stored as "
                                         "JPEG, the rest raw (FFCV 'proportion' mode)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoding bound: an image that "
+                                  "would decode to more pixels (after reduced-scale JPEG decoding) "
+                                  "is skipped as a possible decompression bomb; one image takes at "
+                                  "most ~3 bytes per pixel while it is decoded")
+
+
+class StageConfig(Settings):
+    """`pipeline stage`: ImageNet (any layout, local or s3://) -> FFCV shards + manifest.json."""
+
+    source: str = Field("", description="ImageNet root: folder or s3://bucket/prefix")
+    dest: str = Field("", description="staged dataset: folder or s3://bucket/prefix")
+    layout: Literal["auto", *LAYOUTS] = Field("auto", description="source layout (auto: detected)")
+    splits: list[Literal[*SPLITS]] = Field(list(SPLITS), description="splits to stage")
+    max_resolution: int = WriterSettings.model_fields["max_resolution"]
+    jpeg_quality: int = WriterSettings.model_fields["jpeg_quality"]
+    compress_probability: float = WriterSettings.model_fields["compress_probability"]
+    max_image_pixels: int = WriterSettings.model_fields["max_image_pixels"]
     shard_size: int = Field(1024, ge=1, description="images per shard")
     workers: int = Field(0, ge=0, description="shards staged at once (0: the cluster's CPUs)")
 
-
-class RegisterConfig(BaseModel):
-    """`pipeline run`'s last step: register the best model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("", description="registered model name (empty: do not register)")
+    @property
+    def writer(self) -> WriterSettings:
+        return WriterSettings(**{k: getattr(self, k) for k in WriterSettings.model_fields})
 
 
-class TrainConfig(BaseModel):
-    """`pipeline train`: one ResNet training run with the FFCV ImageNet recipe."""
+# -- train ----------------------------------------------------------------------------------------
+class Recipe(Settings):
+    """The FFCV ImageNet recipe: model, optimisation, resolution schedule, evaluation."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field("", description="staged dataset: folder or s3:// URI holding manifest.json")
     arch: Literal[ARCHS] = Field("resnet50", description="torchvision ResNet")
+    blurpool: bool = Field(True, description="blur before strided convolutions (BlurPool)")
     epochs: int = Field(16, ge=1, description="training epochs")
     batch_size: int = Field(512, ge=1, description="images per worker per step")
     lr: float = Field(0.1, gt=0, description="peak learning rate per 256 images; scaled by the "
@@ -72,10 +87,24 @@ class TrainConfig(BaseModel):
     val_res: int = Field(256, ge=16, description="validation resolution: centre crop of 224/256")
     val_batch_size: int = Field(256, ge=1, description="validation images per worker per step")
     lr_tta: bool = Field(True, description="average left-right flips at validation")
-    blurpool: bool = Field(True, description="blur before strided convolutions (BlurPool)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     channels_last: bool = Field(True, description="channels-last memory format on GPU")
+    seed: int = Field(0, description="seed for weights and data order")
+
+
+class LoaderSettings(Settings):
+    """How each node caches its shards and how workers read them."""
+
+    cache_dir: str = Field("", description="node-local shard cache (default: $PIPELINE_CACHE_DIR, "
+                                           "else a private folder of this user under /tmp)")
+    max_steps_per_epoch: int = Field(0, ge=0, description="cap steps per epoch (0: no cap); "
+                                                          "for smoke tests and benchmarks")
+
+
+class Resources(Settings):
+    """Where the workers run and how many there are."""
+
     num_workers: str = Field("1", description="training workers: N, or MIN-MAX for elastic "
                                               "training that grows as nodes join")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (0: train on CPU)")
@@ -85,24 +114,11 @@ class TrainConfig(BaseModel):
                                           "trainer=1 (flag: NAME=AMOUNT[,NAME=AMOUNT])")
     elastic_resize_seconds: float = Field(60, gt=0, description="elastic runs: how often to check "
                                                                  "whether more workers fit")
-    storage: str = Field("runs", description="where runs and checkpoints go (Ray storage_path): "
-                                             "folder or s3:// URI")
-    name: str = Field("", description="run name; re-running with the same name resumes it "
-                                      "(default: a new name per run)")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts allowed (-1: no limit)")
-    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and the last)")
     resource_wait_minutes: float = Field(
         10, gt=0, description="give up when the workers cannot be placed for this long")
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand (cluster.yaml, "
                                                  "KubeRay autoscaler): wait for room instead of "
                                                  "refusing workers the current nodes cannot hold")
-    init_from: str = Field("", description="fine-tune from a checkpoint URI or models:/NAME@ALIAS "
-                                           "(the head is replaced when the class count differs)")
-    seed: int = Field(0, description="seed for weights and data order")
-    cache_dir: str = Field("", description="node-local shard cache (default: "
-                                           "$PIPELINE_CACHE_DIR or /tmp/pipeline-cache)")
-    max_steps_per_epoch: int = Field(0, ge=0, description="cap steps per epoch (0: no cap); "
-                                                          "for smoke tests and benchmarks")
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -121,6 +137,123 @@ class TrainConfig(BaseModel):
         return int(lo), int(hi or lo)
 
 
+class RunSettings(Settings):
+    """Where the run keeps its checkpoints, under which name, and how it survives failures."""
+
+    storage: str = Field("runs", description="where runs and checkpoints go (Ray storage_path): "
+                                             "folder or s3:// URI")
+    name: str = Field("", description="run name; re-running with the same name resumes it "
+                                      "(default: a new name per run)")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts allowed (-1: no limit)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and the last)")
+    init_from: str = Field("", description="fine-tune from a checkpoint URI or models:/NAME@ALIAS "
+                                           "(the head is replaced when the class count differs)")
+
+
+TRAIN_SECTIONS: dict[str, type[Settings]] = {
+    "recipe": Recipe, "loader": LoaderSettings, "resources": Resources, "run": RunSettings}
+
+
+class TrainConfig(Settings):
+    """`pipeline train`: one ResNet training run with the FFCV ImageNet recipe."""
+
+    data: str = Field("", description="staged dataset: folder or s3:// URI holding manifest.json")
+    recipe: Recipe = Field(default_factory=Recipe)
+    loader: LoaderSettings = Field(default_factory=LoaderSettings)
+    resources: Resources = Field(default_factory=Resources)
+    run: RunSettings = Field(default_factory=RunSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_keys(cls, values: Any) -> Any:
+        """Accept `lr: 0.5` as well as `recipe: {lr: 0.5}`: each flat key goes to its section."""
+        return nest(values) if isinstance(values, dict) else values
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its own name (what MLflow params and search spaces use)."""
+        out = {"data": self.data}
+        for section in TRAIN_SECTIONS:
+            out.update(getattr(self, section).model_dump())
+        return out
+
+    def explicit(self) -> set[str]:
+        """The settings someone gave (file or flag), as opposed to defaults."""
+        given = {"data"} & self.model_fields_set
+        for section in TRAIN_SECTIONS:
+            given |= getattr(self, section).model_fields_set
+        return given
+
+    def replace(self, **values: Any) -> "TrainConfig":
+        """A copy with some settings changed, by their own names; validated."""
+        return build(TrainConfig, {**self.flat(), **values}, "settings")
+
+    @property
+    def workers_range(self) -> tuple[int, int]:
+        return self.resources.workers_range
+
+
+SECTION_OF = {name: section for section, model in TRAIN_SECTIONS.items()
+              for name in model.model_fields}
+
+
+def nest(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        section = SECTION_OF.get(key)
+        if section is None:
+            if key in TRAIN_SECTIONS and isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out[key] = value
+        else:
+            out.setdefault(section, {})
+            if isinstance(out[section], dict):
+                out[section][key] = value
+    return out
+
+
+# -- tune / register / run ------------------------------------------------------------------------
+class TuneSettings(Settings):
+    """`pipeline tune`: the sweep around the training settings."""
+
+    trials: int = Field(4, ge=1, description="trials to run (samples of the search space)")
+    max_concurrent: int = Field(0, ge=0, description="trials at once (0: as many as the "
+                                                     "cluster's CPUs/GPUs hold)")
+    search_space: str | dict[str, Any] = Field(
+        "", description="YAML file (or, in a config file, a mapping): setting -> "
+                        "{loguniform|uniform|randint: [lo, hi]} or {choice|grid: [values]} "
+                        "(default: lr, weight decay, label smoothing, batch size, arch)")
+    scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on val top-1")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1/N of trials at each rung")
+    search: Literal["random", "optuna"] = Field("random", description="search algorithm")
+    name: str = Field("sweep", description="sweep name; --resume continues the sweep of this name")
+    register_as: str = Field("", description="register the best trial's model under this name")
+    search_seed: int = Field(0, description="seed of the search algorithm")
+
+
+class RegisterConfig(Settings):
+    """`pipeline run`'s last step: register the best model."""
+
+    model: str = Field("", description="registered model name (empty: do not register)")
+    min_val_top1: float = Field(0, ge=0, le=1, description="quality gate: the val top-1 a model "
+                                "needs to become @champion (0: twice chance, 2 / classes); a "
+                                "sweep whose best trial is below it fails")
+
+
+class PipelineConfig(Settings):
+    """`pipeline run`: one file for the whole chain; each section is what its own command takes."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    stage: StageConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneSettings | None = None
+    # `register` is also a BaseModel attribute: the field is register_, the YAML key register
+    register_: RegisterConfig | None = Field(None, alias="register")
+
+
+# -- flags, files, errors -------------------------------------------------------------------------
 def parse_resources(text: str) -> dict[str, float]:
     """'trainer=1,GPU=0.5' -> {'trainer': 1.0, 'GPU': 0.5}"""
     out = {}
@@ -150,11 +283,21 @@ def _flag_type(annotation):
     return None, None
 
 
+def leaf_fields(model: type[BaseModel]) -> Iterator[tuple[str, Any, str | None]]:
+    """(name, field info, section or None) of every setting, sections opened."""
+    for name, info in model.model_fields.items():
+        if model is TrainConfig and name in TRAIN_SECTIONS:
+            for sub, sub_info in TRAIN_SECTIONS[name].model_fields.items():
+                yield sub, sub_info, name
+        else:
+            yield name, info, None
+
+
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
                     skip: tuple[str, ...] = ()) -> None:
-    """One flag per field (--batch-size for batch_size), defaulting to 'not given' so that only
+    """One flag per setting (--batch-size for batch_size), defaulting to 'not given' so that only
     flags the user typed override the config file."""
-    for name, info in model.model_fields.items():
+    for name, info, _ in leaf_fields(model):
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
@@ -202,29 +345,56 @@ def build(model: type[BaseModel], values: dict[str, Any], source: str = "config"
 SECTIONS = ("stage", "train", "tune", "register")
 
 
-def from_args(model: type[BaseModel], args: argparse.Namespace, section: str,
-              skip: tuple[str, ...] = ()) -> BaseModel:
-    """Defaults < --config FILE < explicit flags. The file holds either the settings of this
-    command at its top level, or sections (stage:, train:, tune:, register:) as for `pipeline run`."""
+def from_args(args: argparse.Namespace, models: dict[str, type[BaseModel]],
+              skip: dict[str, tuple[str, ...]] | None = None) -> dict[str, BaseModel]:
+    """Settings for a command that takes the models named by section, e.g. {"train": TrainConfig}:
+    defaults < --config FILE < flags the user typed.
+
+    The file holds either sections (stage:, train:, tune:, register:, as for `pipeline run`) or
+    this command's settings at its top level; there each key goes to the model that has it."""
+    skip = skip or {}
     path = getattr(args, "config", None)
+    source = path or "flags"
     values = load_yaml(path)
     if any(k in SECTIONS for k in values):
-        values = values.get(section) or {}
-    elif section != "train":
-        values = {}
-    values = {k: v for k, v in values.items() if k not in skip}
-    given = {k: v for k, v in vars(args).items() if k in model.model_fields and k not in skip}
-    return build(model, {**values, **given}, source=path or "flags")
+        per_model = {s: dict(values.get(s) or {}) for s in models}
+    else:
+        per_model = {s: {} for s in models}
+        for key, value in values.items():
+            owners = [s for s, m in models.items() if key not in skip.get(s, ())
+                      and (key in m.model_fields or (m is TrainConfig and key in SECTION_OF))]
+            if not owners:
+                raise UserError(f"{source}: unknown setting '{key}' (see --help for the settings)")
+            per_model[owners[0]][key] = value
+    out = {}
+    for section, model in models.items():
+        names = {name for name, _, _ in leaf_fields(model)} - set(skip.get(section, ()))
+        given = {k: v for k, v in vars(args).items() if k in names}
+        file_values = {k: v for k, v in per_model[section].items() if k not in skip.get(section, ())}
+        if model is TrainConfig:
+            file_values = nest(file_values)
+            for key, value in nest(given).items():
+                if isinstance(value, dict):
+                    file_values.setdefault(key, {})
+                    if isinstance(file_values[key], dict):
+                        file_values[key] = {**file_values[key], **value}
+                        continue
+                file_values[key] = value
+            out[section] = build(model, file_values, source)
+        else:
+            out[section] = build(model, {**file_values, **given}, source)
+    return out
 
 
 def reference_markdown(model: type[BaseModel]) -> str:
     """The configuration reference table for README.md, generated from a model."""
     rows = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, info in model.model_fields.items():
+    for name, info, section in leaf_fields(model):
         default = info.get_default(call_default_factory=True)
         flag = "--" + name.replace("_", "-")
         if info.annotation is not bool and _flag_type(info.annotation)[0] is None:
             flag = "(file only)"
+        key = f"{section}.{name}" if section else name
         text = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | `{flag}` | `{default!r}` | {text} |")
+        rows.append(f"| `{key}` | `{flag}` | `{default!r}` | {text} |")
     return "\n".join(rows)

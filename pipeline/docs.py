@@ -12,8 +12,7 @@ END = "<!-- config-reference:end -->"
 
 
 def render_reference() -> str:
-    from .config import RegisterConfig, StageConfig, TrainConfig, reference_markdown
-    from .tune import TuneSettings
+    from .config import RegisterConfig, StageConfig, TrainConfig, TuneSettings, reference_markdown
 
     parts = [BEGIN]
     for section, model in (("stage", StageConfig), ("train", TrainConfig), ("tune", TuneSettings),

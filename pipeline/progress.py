@@ -1,13 +1,14 @@
 """Progress for long jobs: bars on a terminal, plain timestamped lines otherwise (CI, Ray jobs)."""
 from __future__ import annotations
 
-import sys
 import time
+
+from . import console
 
 
 class Progress:
     def __init__(self, label: str, totals: dict[str, int], stream=None, interval: float = 5.0):
-        self.label, self.totals, self.stream = label, totals, stream or sys.stderr
+        self.label, self.totals, self.stream = label, totals, stream or console.err()
         self.done = {k: 0 for k in totals}
         self.start = self.last = time.monotonic()
         self.interval = interval

@@ -2,12 +2,19 @@
 
 Every stage takes URIs; this module is the only place that knows the difference. Writes are
 atomic on both sides (local: temp file + rename; S3: objects appear only once complete), so a
-reader never sees a half-written file.
+reader never sees a half-written file. S3 calls ride out an outage of the endpoint (backing off,
+for `outage_seconds`), then fail in words.
+
+Keys are never held by this module: boto3 and pyarrow find them where the process runs (the AWS
+variables, ~/.aws, an instance profile or a Kubernetes secret). Settings and Storage objects are
+shipped to Ray tasks and pickled by Tune; with no key in them, no key lands in a pickle.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +22,10 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from .errors import UserError
+from .retry import retry
 
 MULTIPART_THRESHOLD = int(os.environ.get("PIPELINE_MULTIPART_THRESHOLD", 64 * 1024 * 1024))
+DEFAULT_OUTAGE_SECONDS = 180.0
 
 
 def is_s3(uri: str) -> bool:
@@ -37,53 +46,102 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers run in other folders); URIs unchanged."""
+    if not uri or is_s3(uri) or "://" in uri or uri.startswith("models:/"):
+        return uri
+    return str(Path(uri).resolve())
+
+
+def sha256_file(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 @dataclass(frozen=True)
 class S3Settings:
-    """Where and how to reach S3. Defaults come from the standard AWS variables; the secret never
-    appears in repr(), so settings can be logged or shipped to Ray tasks safely."""
+    """Where S3 is. Endpoint and region default to the standard AWS variables. Keys given here
+    explicitly (tests, one-off scripts) stay in this process: they are dropped when the settings
+    are pickled, and the other side uses the keys of its own environment."""
 
     endpoint_url: str | None = None
-    access_key: str | None = None
+    access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     region: str | None = None
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS
+
+    def __getstate__(self):
+        return {"endpoint_url": self.endpoint_url, "region": self.region,
+                "outage_seconds": self.outage_seconds, "access_key": None, "secret_key": None}
+
+    def __setstate__(self, state):
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
     @classmethod
-    def from_env(cls, endpoint_url=None, access_key=None, secret_key=None, region=None) -> "S3Settings":
+    def from_env(cls, endpoint_url=None, region=None, outage_seconds=None) -> "S3Settings":
         env = os.environ
         return cls(
             endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-            access_key=access_key or env.get("AWS_ACCESS_KEY_ID"),
-            secret_key=secret_key or env.get("AWS_SECRET_ACCESS_KEY"),
             region=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
-        )
+            outage_seconds=DEFAULT_OUTAGE_SECONDS if outage_seconds is None else outage_seconds)
 
     def client(self):
         import boto3
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region or "us-east-1",
-            config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60, max_pool_connections=32),
-        )
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name=self.region or "us-east-1",
+            config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                          connect_timeout=5, read_timeout=60, max_pool_connections=32))
+
+    def pyarrow_filesystem(self):
+        """For Ray's storage_filesystem. pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is
+        handed over; keys are not: pyarrow reads them from the environment where it runs."""
+        import pyarrow.fs
+
+        kwargs = {"region": self.region or "us-east-1"}
+        if self.endpoint_url:
+            scheme, _, host = self.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                   "RequestTimeout", "RequestTimeTooSkewed"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An outage (endpoint down, timeouts, 5xx): worth waiting for. Wrong keys are not."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+
+    while exc is not None:   # boto3's transfers wrap the client's error in their own
+        if isinstance(exc, (BotoConnectionError, ConnectionError, TimeoutError)):
+            return True   # refused, closed, timed out
+        if isinstance(exc, ClientError):
+            return str(exc.response.get("Error", {}).get("Code", "")) in TRANSIENT_CODES
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def describe_s3_error(exc: Exception, uri: str, settings: S3Settings) -> str:
     """Say in words what an S3 failure means and what to do; never include a key."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+    inner = exc   # boto3's transfers wrap the client's error in their own
+    while inner is not None and not isinstance(inner, (ClientError, BotoCoreError)):
+        inner = inner.__cause__ or inner.__context__
+    exc = inner or exc
     where = settings.endpoint_url or "AWS S3"
-    if isinstance(exc, EndpointConnectionError) or type(exc).__name__ in (
-            "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
-        return (f"{uri}: cannot reach the S3 endpoint {where}: is the server running and "
-                "AWS_ENDPOINT_URL (or --s3-endpoint-url) right?")
+    if is_transient(exc) and not isinstance(exc, ClientError):
+        return (f"{uri}: cannot reach the S3 endpoint {where} (waited "
+                f"{settings.outage_seconds:g} s): is the server running and AWS_ENDPOINT_URL "
+                "(or --s3-endpoint-url) right?")
     if isinstance(exc, NoCredentialsError):
-        return (f"{uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or use an instance profile)")
+        return (f"{uri}: no S3 credentials here: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "where this runs (on a cluster: in the environment of its nodes, an instance "
+                "profile or a Kubernetes secret)")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         bucket = split_s3(uri)[0] if is_s3(uri) else uri
@@ -93,13 +151,16 @@ def describe_s3_error(exc: Exception, uri: str, settings: S3Settings) -> str:
         if code == "InvalidAccessKeyId":
             return (f"{uri}: S3 at {where} does not know this access key (InvalidAccessKeyId): "
                     "check AWS_ACCESS_KEY_ID")
-        if code in ("NoSuchBucket",):
+        if code == "NoSuchBucket":
             return f"{uri}: bucket '{bucket}' does not exist at {where}; create it first"
         if code in ("AccessDenied", "403", "Forbidden"):
             return (f"{uri}: access denied by S3 at {where} (wrong keys, or these keys may not "
                     "use this bucket)")
         if code in ("404", "NoSuchKey", "NotFound"):
             return f"{uri}: not found"
+        if code in TRANSIENT_CODES:
+            return (f"{uri}: S3 at {where} kept answering {code} for "
+                    f"{settings.outage_seconds:g} s; try again later")
         return f"{uri}: S3 at {where} answered {code or 'an error'}"
     return f"{uri}: {exc}"
 
@@ -112,7 +173,7 @@ class Storage:
         self._client = None
 
     def __getstate__(self):
-        # Shipped to Ray tasks: the settings travel, the boto3 client is rebuilt on the other side.
+        # Shipped to Ray tasks: the settings travel (without keys), the client is rebuilt there.
         return {"s3": self.s3, "_client": None}
 
     @property
@@ -122,11 +183,23 @@ class Storage:
         return self._client
 
     def _s3_call(self, uri, fn, *args, **kwargs):
+        """fn(*args), riding out an outage of the endpoint; any failure becomes a UserError."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
+        warned = []
+
+        def say_once(exc, delay):
+            if not warned:
+                warned.append(exc)
+                print(f"[s3] warning: {self.s3.endpoint_url or 'S3'} is not answering "
+                      f"({type(exc).__name__}); retrying for up to {self.s3.outage_seconds:g} s",
+                      file=sys.stderr, flush=True)
+
         try:
-            return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError) as exc:
+            return retry(lambda: fn(*args, **kwargs), timeout=self.s3.outage_seconds,
+                         transient=is_transient, on_retry=say_once)
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
             raise UserError(describe_s3_error(exc, uri, self.s3)) from exc
 
     # -- checks -------------------------------------------------------------------------------
@@ -150,16 +223,23 @@ class Storage:
 
         bucket, key = split_s3(uri)
         try:
-            return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return self._s3_call(uri, self._head, bucket, key)
+        except UserError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and str(cause.response.get("Error", {}).get(
+                    "Code")) in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise UserError(describe_s3_error(exc, uri, self.s3)) from exc
+            raise
+
+    def _head(self, bucket, key):
+        return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
 
     def exists(self, uri: str) -> bool:
         return self.size(uri) is not None
 
     def read_bytes(self, uri: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 f.seek(offset)
@@ -168,40 +248,65 @@ class Storage:
         kwargs = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
-            if length == 0:
-                return b""
             kwargs["Range"] = f"bytes={offset}-{end}"
-        resp = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key, **kwargs)
-        return resp["Body"].read()
+        return self._s3_call(uri, lambda: self.client.get_object(
+            Bucket=bucket, Key=key, **kwargs)["Body"].read())
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
+    def stream(self, uri: str, chunk: int = 8 * 1024 * 1024) -> Iterator[bytes]:
+        """The whole file, in chunks, in one sequential read."""
+        if not is_s3(uri):
+            with open(uri, "rb") as f:
+                while block := f.read(chunk):
+                    yield block
+            return
+        bucket, key = split_s3(uri)
+        body = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
+        yield from body.iter_chunks(chunk)
+
+    def sha256(self, uri: str) -> str:
+        if not is_s3(uri):
+            return sha256_file(uri)
+        h = hashlib.sha256()
+        for block in self.stream(uri):
+            h.update(block)
+        return h.hexdigest()
+
     def list(self, uri: str) -> Iterator[tuple[str, int]]:
         """Every file below uri, recursively, as (path relative to uri with '/' separators, size)."""
+        for rel, size, _ in self.list_detailed(uri):
+            yield rel, size
+
+    def list_detailed(self, uri: str) -> Iterator[tuple[str, int, str]]:
+        """As list(), with a version tag per file (its ETag on S3, its mtime locally)."""
         if not is_s3(uri):
             root = Path(uri)
             for dirpath, _, files in os.walk(root):
                 for name in files:
                     full = Path(dirpath, name)
-                    yield full.relative_to(root).as_posix(), full.stat().st_size
+                    st = full.stat()
+                    yield full.relative_to(root).as_posix(), st.st_size, str(st.st_mtime_ns)
             return
         bucket, prefix = split_s3(uri)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        from botocore.exceptions import BotoCoreError, ClientError
+        token = None
+        while True:
+            kwargs = {"Bucket": bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._s3_call(uri, self.client.list_objects_v2, **kwargs)
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if rel and not rel.endswith("/"):
+                    yield rel, obj["Size"], obj.get("ETag", "").strip('"')
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
 
-        try:
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):]
-                    if rel and not rel.endswith("/"):
-                        yield rel, obj["Size"]
-        except (ClientError, BotoCoreError) as exc:
-            raise UserError(describe_s3_error(exc, uri, self.s3)) from exc
-
-    def open_range(self, uri: str) -> "RangeReader":
-        return RangeReader(self, uri)
+    def open_range(self, uri: str, start: int = 0, size: int | None = None) -> "RangeReader":
+        return RangeReader(self, uri, start, size)
 
     def download_file(self, uri: str, local_path: str | Path) -> None:
         """Copy to a local path atomically (temp file in the same folder, then rename)."""
@@ -236,26 +341,22 @@ class Storage:
             self._s3_call(uri, self.client.upload_file, str(local_path), bucket, key,
                           Config=self._transfer_config())
             return
-        dest = Path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._write_local(uri, lambda tmp: shutil.copyfile(local_path, tmp))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             self._s3_call(uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
             return
+        self._write_local(uri, lambda tmp: Path(tmp).write_bytes(data))
+
+    @staticmethod
+    def _write_local(uri: str, write) -> None:
         dest = Path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         try:
-            tmp.write_bytes(data)
+            write(tmp)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -268,21 +369,32 @@ class Storage:
         else:
             Path(uri).unlink(missing_ok=True)
 
+    # -- Ray ----------------------------------------------------------------------------------
+    def for_ray(self, uri: str):
+        """(storage_path, storage_filesystem) for Ray's RunConfig."""
+        if not is_s3(uri):
+            return absolute(uri), None
+        bucket, prefix = split_s3(uri)
+        return f"{bucket}/{prefix}".rstrip("/"), self.s3.pyarrow_filesystem()
+
 
 class RangeReader:
-    """A read-only, seekable file object over a local file or an S3 object, fetching S3 in blocks.
+    """A read-only, seekable file over bytes [start, start+size) of a local file or S3 object,
+    fetching S3 in blocks.
 
-    This is what lets `tarfile` walk ILSVRC2012_img_train.tar on S3 without downloading it: the
-    tar headers are read through block-sized range requests and the member data is skipped.
+    This is what lets `tarfile` walk ILSVRC2012_img_train.tar on S3 without downloading it (and
+    each per-class tar inside it, as a range of the outer one): the headers are read through
+    block-sized range requests and the member data is skipped.
     """
 
     BLOCK = 1024 * 1024
 
-    def __init__(self, storage: Storage, uri: str):
-        self.storage, self.uri = storage, uri
-        self.length = storage.size(uri)
-        if self.length is None:
+    def __init__(self, storage: Storage, uri: str, start: int = 0, size: int | None = None):
+        self.storage, self.uri, self.start = storage, uri, start
+        total = storage.size(uri)
+        if total is None:
             raise UserError(f"{uri}: not found")
+        self.length = total - start if size is None else min(size, total - start)
         self.pos = 0
         self._block_start, self._block = -1, b""
         self._local = None if is_s3(uri) else open(uri, "rb")
@@ -297,38 +409,40 @@ class RangeReader:
         return self.pos
 
     def seek(self, offset, whence=0):
-        if whence == 0:
-            self.pos = offset
-        elif whence == 1:
-            self.pos += offset
-        else:
-            self.pos = self.length + offset
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.length + offset}[whence]
         return self.pos
 
     def read(self, n=-1):
         if n is None or n < 0:
             n = self.length - self.pos
         n = max(0, min(n, self.length - self.pos))
+        where = self.start + self.pos
         if self._local is not None:
-            self._local.seek(self.pos)
+            self._local.seek(where)
             data = self._local.read(n)
         elif n > self.BLOCK:
-            data = self.storage.read_bytes(self.uri, self.pos, n)
+            data = self.storage.read_bytes(self.uri, where, n)
         else:
             out = bytearray()
-            pos = self.pos
+            end = self.start + self.length
             while len(out) < n:
-                if not (self._block_start <= pos < self._block_start + len(self._block)):
-                    self._block_start = pos - pos % self.BLOCK
+                if not (self._block_start <= where < self._block_start + len(self._block)):
+                    self._block_start = where - where % self.BLOCK
                     self._block = self.storage.read_bytes(
-                        self.uri, self._block_start, min(self.BLOCK, self.length - self._block_start))
-                start = pos - self._block_start
-                chunk = self._block[start:start + n - len(out)]
+                        self.uri, self._block_start, min(self.BLOCK, end - self._block_start))
+                chunk = self._block[where - self._block_start:where - self._block_start + n - len(out)]
+                if not chunk:
+                    break
                 out += chunk
-                pos += len(chunk)
+                where += len(chunk)
             data = bytes(out)
         self.pos += len(data)
         return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def close(self):
         if self._local is not None:

@@ -1,4 +1,5 @@
-"""MLflow tracking: where runs go, how they are found again, and what they carry (never a secret).
+"""MLflow tracking: where runs go, how they are found again, what they carry (never a secret), and
+how their metrics survive an outage of the server.
 
 The tracking URI comes from --tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store
 sqlite:///<cwd>/mlflow.db with artifacts beside it in <cwd>/mlartifacts (a database-backed store,
@@ -6,14 +7,16 @@ which the model registry needs).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 import urllib.request
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-
-from dataclasses import dataclass
 
 RUN_NAME_TAG = "pipeline.run_name"
 TRIAL_TAG = "pipeline.trial_id"
@@ -42,14 +45,18 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+def reachable(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def check_reachable(uri: str) -> None:
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+    if not reachable(uri):
         raise UserError(f"cannot reach the MLflow tracking server at {redact(uri)}: is it running, "
                         "and is MLFLOW_TRACKING_URI (or --tracking-uri) right?")
 
@@ -62,12 +69,15 @@ def redact(uri: str) -> str:
     return uri
 
 
-def client(uri: str):
+def client(uri: str, check: bool = True):
     from mlflow.tracking import MlflowClient
 
-    check_reachable(uri)
-    # Fail within seconds, not after minutes of retries, when the server goes away mid-run.
+    if check:
+        check_reachable(uri)
+    # Fail within seconds, not after minutes of retries, when the server goes away mid-run:
+    # metrics are kept and sent later (RunLog) rather than waited for.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -126,6 +136,8 @@ def safe_params(values: dict) -> dict[str, str]:
 def find_or_start_run(mlflow_client, exp_id: str, run_name: str, tags: dict[str, str],
                       params: dict[str, str], parent_run_id: str | None = None) -> str:
     """The run for this name (so a resumed training keeps its MLflow run), or a new one."""
+    from mlflow.entities import Param
+
     found = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                       max_results=1)
     if found:
@@ -136,19 +148,151 @@ def find_or_start_run(mlflow_client, exp_id: str, run_name: str, tags: dict[str,
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    from mlflow.entities import Param
-
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         mlflow_client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
 
 
-def log_epoch(mlflow_client, run_id: str, metrics: dict, epoch: int) -> None:
+def metric_batch(metrics: dict, step: int, timestamp_ms: int | None = None):
     from mlflow.entities import Metric
-    import time
 
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    mlflow_client.log_batch(run_id, metrics=batch)
+    now = timestamp_ms or int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+class RunLog:
+    """Metrics of one MLflow run, never lost to an outage of the tracking server.
+
+    Each log() first sends what an earlier outage held back. When the server does not answer
+    (after MLflow's own short retries), the entries are kept as files in `outbox` (the run's
+    folder, local or S3) with one warning line, and sent with the next log() or by flush() at
+    the end. Training goes on either way: a tracking outage is never a worker failure.
+    """
+
+    def __init__(self, uri: str, run_id: str, storage, outbox: str, say=print):
+        self.uri, self.run_id, self.storage, self.outbox, self.say = uri, run_id, storage, outbox, say
+        self._client = None
+        self.warned = False
+
+    def _send(self, entries: list[dict]) -> None:
+        if self._client is None:
+            self._client = client(self.uri, check=False)
+        batch = []
+        for e in entries:
+            batch += metric_batch(e["metrics"], e["step"], e["time_ms"])
+        for i in range(0, len(batch), 500):
+            self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def _held(self) -> list[tuple[str, dict]]:
+        from .storage import join
+
+        out = []
+        try:
+            names = sorted(rel for rel, _ in self.storage.list(self.outbox))
+        except (OSError, UserError):
+            return out
+        for rel in names:
+            try:
+                out.append((join(self.outbox, rel), json.loads(self.storage.read_bytes(join(self.outbox, rel)))))
+            except (ValueError, OSError, UserError):
+                continue
+        return out
+
+    def log(self, metrics: dict, step: int) -> bool:
+        from .storage import join
+
+        entry = {"metrics": metrics, "step": step, "time_ms": int(time.time() * 1000)}
+        held = self._held()
+        try:
+            self._send([e for _, e in held] + [entry])
+        except Exception as exc:   # noqa: BLE001 - any failure of the server: keep, say once
+            self.storage.write_bytes(join(self.outbox, f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.json"),
+                                     json.dumps(entry).encode())
+            if not self.warned:
+                self.warned = True
+                self.say(f"[mlflow] warning: the tracking server {redact(self.uri)} does not answer "
+                         f"({type(exc).__name__}); training goes on and its metrics are kept in "
+                         f"{self.outbox} until it is back")
+            return False
+        for uri, _ in held:
+            self.storage.delete(uri)
+        return True
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Send whatever is still held, waiting up to `timeout` s for the server."""
+        from .retry import retry
+
+        held = self._held()
+        if not held:
+            return True
+        try:
+            retry(lambda: self._send([e for _, e in held]), timeout=timeout,
+                  transient=lambda exc: True, first_delay=2)
+        except Exception:   # noqa: BLE001
+            self.say(f"[mlflow] warning: {len(held)} epochs of metrics could not reach "
+                     f"{redact(self.uri)}; they are kept in {self.outbox}")
+            return False
+        for uri, _ in held:
+            self.storage.delete(uri)
+        self.say(f"[mlflow] the tracking server is back: {len(held)} held epochs of metrics logged")
+        return True
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Mark a run FINISHED, FAILED or KILLED; a server that is down is told nothing (said once)."""
+    try:
+        client(uri, check=False).set_terminated(run_id, status=status)
+    except Exception as exc:   # noqa: BLE001
+        print(f"[mlflow] warning: could not mark run {run_id} {status} at {redact(uri)} "
+              f"({type(exc).__name__})", flush=True)
+
+
+# -- registered models as files (predict, --init-from) ---------------------------------------------
+def download_model(model_uri: str, uri: str | None = None) -> Path:
+    """Download a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) to a local dir."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(uri)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if not model_uri.startswith("models:/"):
+        raise UserError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except MlflowException as exc:
+        raise UserError(f"{model_uri}: no such registered model, version or alias "
+                        f"({str(exc).splitlines()[0][:200]})") from exc
+
+
+class TrackedRun:
+    """The MLflow run of one training, from start (found again by name when the training
+    resumes) to its end status; workers log into it through RunLog."""
+
+    def __init__(self, tracking: Tracking, name: str, tags: dict, params: dict, storage,
+                 run_dir: str, say=print):
+        from .storage import join
+
+        self.uri, self.storage, self.say = tracking.uri, storage, say
+        self.client = client(tracking.uri)
+        exp_id = experiment_id(self.client, tracking.experiment, tracking.uri)
+        self.run_id = find_or_start_run(self.client, exp_id, name, tags=tags, params=params,
+                                        parent_run_id=tracking.parent_run_id)
+        self.outbox = join(run_dir, "mlflow-outbox")
+
+    def for_workers(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "outbox": self.outbox}
+
+    def finish(self, summary: dict | None = None, status: str = "FINISHED") -> None:
+        """Send held metrics, the final figures, and the end status (FAILED, KILLED...)."""
+        log = RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say)
+        if summary is not None:
+            final = {f"final_{k}": summary[k] for k in ("val_top1", "val_top5")
+                     if summary.get(k) is not None}
+            final.update(restarts=summary["restarts"], epochs_completed=summary["epochs_completed"])
+            log.log(final, summary["epochs_completed"])
+        if log.flush():
+            end_run(self.uri, self.run_id, status)

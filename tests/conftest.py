@@ -5,8 +5,8 @@ import uuid
 
 import pytest
 
-from pipeline.local_services import start_seaweedfs
-from pipeline.sample_data import generate
+from pipeline.ops.local_services import start_seaweedfs
+from pipeline.data.sample_data import generate
 from pipeline.storage import S3Settings, Storage
 
 
@@ -39,7 +39,7 @@ def start_cluster(trainer_nodes: int, slots: int = 1):
     `trainer` resources each, all on this machine (ray.cluster_utils.Cluster)."""
     from ray.cluster_utils import Cluster
 
-    from pipeline.local_services import free_ports
+    from pipeline.ops.local_services import free_ports
 
     # Own dashboard port: several clusters may be up at once, and Ray Train's controller needs
     # the State API that the dashboard serves.
@@ -88,7 +88,7 @@ def sample_sets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(s3, tmp_path_factory):
     """A real `mlflow server` over HTTP on loopback; artifacts proxied to the SeaweedFS bucket."""
-    from pipeline.local_services import create_bucket, start_mlflow
+    from pipeline.ops.local_services import create_bucket, start_mlflow
 
     create_bucket(S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client(), "mlflow")
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3, bucket="mlflow")
@@ -119,7 +119,7 @@ def ray_head(tmp_path_factory):
     import tempfile
     import time
 
-    from pipeline.local_services import free_ports, stop_pid, wait_http
+    from pipeline.ops.local_services import free_ports, stop_pid, wait_http
 
     gcs, dash, agent, client = free_ports(4)
     temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")   # short: Ray's socket paths are limited

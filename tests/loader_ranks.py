@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 def rank_main(rank: int, path: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from pipeline.loaders import TrainLoader
+    from pipeline.data.loaders import TrainLoader
 
     loader = TrainLoader(path, batch_size=8, res=32, threads=1, world=2, seed=5,
                          device=torch.device("cpu"))
@@ -25,7 +25,7 @@ def rank_main(rank: int, path: str, queue) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.local_services import free_ports
+    from pipeline.ops.local_services import free_ports
 
     os.environ["TEST_PORT"] = str(free_ports(1)[0])
     ctx = mp.get_context("spawn")

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
     from pipeline.config import TrainConfig
-    from pipeline.manifest import WriterSettings
-    from pipeline.shards import write_beton
-    from pipeline.trainer import ImageNetTrainer
+    from pipeline.config import WriterSettings
+    from pipeline.data.shards import write_beton
+    from pipeline.training.worker import ImageNetTrainer
 
     rng = np.random.default_rng(0)
     n = 512
@@ -38,8 +39,8 @@ def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
     start = time.perf_counter()
     stats = trainer.train_loop(1)
     torch.cuda.synchronize()
-    rate = stats["steps"] * cfg.batch_size / (time.perf_counter() - start)
+    rate = stats["steps"] * cfg.recipe.batch_size / (time.perf_counter() - start)
     print(f"ResNet-50 bf16 channels-last 160 px: {rate:.0f} images/s on {torch.cuda.get_device_name(0)}")
-    assert np.isfinite(stats["train_loss"]) and stats["steps"] == n // cfg.batch_size
+    assert np.isfinite(stats["train_loss"]) and stats["steps"] == n // cfg.recipe.batch_size
     val = trainer.val_loop()
     assert val["val_images"] == n

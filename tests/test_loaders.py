@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from pipeline.manifest import WriterSettings
-from pipeline.shards import write_beton
+from pipeline.config import WriterSettings
+from pipeline.data.shards import write_beton
+
+pytestmark = pytest.mark.slow   # numba compiles FFCV pipelines
 
 
 def _decode_all(path, decoder):
@@ -21,7 +24,7 @@ def _decode_all(path, decoder):
 def test_scaled_decode_matches_full_decode(tmp_path):
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 
-    from pipeline.loaders import scaled_crop_decoder
+    from pipeline.data.loaders import scaled_crop_decoder
 
     yy, xx = np.mgrid[0:600, 0:800].astype(np.float32)
     images = [np.stack([xx / 800 * 255, yy / 600 * 255, np.full_like(xx, 40.0 * k)], -1)
@@ -43,7 +46,7 @@ def test_partial_decode_gives_the_crop_of_a_full_decode():
     import cv2
     from ffcv.libffcv import imdecode
 
-    from pipeline.jpeg_crop import AVAILABLE, crop_decode
+    from pipeline.data.jpeg_crop import AVAILABLE, crop_decode
 
     assert AVAILABLE, "pipeline/_jpeg_crop was not built: reinstall with `make install`"
     rng = np.random.default_rng(0)

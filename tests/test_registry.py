@@ -12,21 +12,23 @@ from helpers import PIPELINE, last_json, mlflow_client, run_cli
 
 
 from pipeline.config import TrainConfig
-from pipeline.local_services import free_ports
-from pipeline.model import build_model
-from pipeline.trainer import CHECKPOINT_FILE, META_FILE, checkpoint_meta
+from pipeline.ops.local_services import free_ports
+from pipeline.training import checkpoint
+from pipeline.training.model import build_model
+
+pytestmark = pytest.mark.slow   # real services / Ray clusters
 
 CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
 
 
-def make_checkpoint(folder: Path, val_top1: float) -> str:
+def make_checkpoint(folder: Path, val_top1: float, val_set: str = "v" * 64) -> str:
     """A checkpoint as training writes it (weights are random: only the score matters here)."""
     cfg = TrainConfig(arch="resnet18", val_res=32)
     folder.mkdir(parents=True)
     model = build_model("resnet18", len(CLASSES), blurpool=True)
-    torch.save({"model": model.state_dict(), "epoch": 1}, folder / CHECKPOINT_FILE)
-    meta = checkpoint_meta(cfg, CLASSES, 1, {"val_top1": val_top1, "val_top5": 1.0})
-    (folder / META_FILE).write_text(json.dumps({**meta, "manifest_sha256": "0" * 64}))
+    checkpoint.save(folder, model=model.state_dict(), optimizer={}, scaler={}, epoch=1, rng=[],
+                    meta=checkpoint.meta(cfg, CLASSES, 1, {"val_top1": val_top1, "val_top5": 1.0},
+                                         {"manifest_sha256": "0" * 64, "val_set": val_set}))
     return str(folder)
 
 
@@ -100,15 +102,12 @@ def test_registry_errors(mlflow_server, tmp_path):
 def test_init_from_a_registered_model_replaces_a_mismatched_head(mlflow_server, tmp_path):
     """--init-from models:/NAME@ALIAS: the registered weights, minus the head when the class
     count differs (fine-tuning on another label set)."""
-    from pipeline.model import build_model, load_weights
     from pipeline.storage import Storage
-    from pipeline.train import load_init_state
+    from pipeline.training.model import build_model, load_weights
 
     ckpt = make_checkpoint(tmp_path / "src", 0.9)
     run_cli("register", "--checkpoint", ckpt, "--model", "base", "--tracking-uri", mlflow_server.uri)
-    from pipeline.registry import load_registered_state
-
-    state = load_registered_state("models:/base@champion", mlflow_server.uri)
+    state = checkpoint.init_weights(Storage(), "models:/base@champion", mlflow_server.uri)
     same = build_model("resnet18", 4, blurpool=True)
     assert load_weights(same, state) == "loaded all weights"
     assert torch.equal(same.fc.weight, state["fc.weight"])
@@ -116,9 +115,9 @@ def test_init_from_a_registered_model_replaces_a_mismatched_head(mlflow_server, 
     assert "all but the head (4 -> 10 classes)" in load_weights(other, state)
     assert torch.equal(other.conv1.weight, state["conv1.weight"]) and other.fc.out_features == 10
     # a checkpoint folder works the same way
-    assert torch.equal(load_init_state(Storage(), ckpt)["conv1.weight"], state["conv1.weight"])
+    assert torch.equal(checkpoint.init_weights(Storage(), ckpt)["conv1.weight"], state["conv1.weight"])
     with pytest.raises(Exception, match="no checkpoint.pt there"):
-        load_init_state(Storage(), str(tmp_path / "nowhere"))
+        checkpoint.init_weights(Storage(), str(tmp_path / "nowhere"))
 
 
 def test_local_stack_scripts_start_and_stop(tmp_path):

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from helpers import PIPELINE, last_json, mlflow_client, run_cli
 
+pytestmark = pytest.mark.slow   # real services / Ray clusters
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 0.4, "lr_peak_epoch": 1,
@@ -128,7 +130,7 @@ def test_job_entrypoints_run(script):
 
 @pytest.mark.parametrize("name", ["tiny-local.yaml", "imagenet-resnet50.yaml", "imagenet-resnet18.yaml"])
 def test_job_configs_are_valid(name):
-    from pipeline.run import load_pipeline_config
+    from pipeline.ops.run import load_pipeline_config
 
     cfg = load_pipeline_config(str(ROOT / "jobs" / "configs" / name))
     assert cfg.stage and cfg.register_ and cfg.register_.model

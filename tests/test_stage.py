@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from helpers import PIPELINE, class_from_colour, last_json, read_shard, run_cli, upload_tree
 
-from pipeline.local_services import free_ports
-from pipeline.manifest import read_manifest, sha256_file
+from pipeline.ops.local_services import free_ports
+from pipeline.data.manifest import read_manifest
+from pipeline.storage import sha256_file
 from pipeline.storage import Storage
+
+pytestmark = pytest.mark.slow   # real services / Ray clusters
 
 LAYOUTS = ["folders", "kaggle", "devkit", "tars"]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 6, 3

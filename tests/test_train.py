@@ -14,6 +14,8 @@ import pytest
 from conftest import start_cluster
 from helpers import PIPELINE, last_json, run_cli
 
+pytestmark = pytest.mark.slow   # real services / Ray clusters
+
 # ResNet-18 at 32 px on 600 images: ~4 s per epoch with 2 workers on 2 cores.
 TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 32,
         "--val-res", 32, "--start-ramp", 0, "--end-ramp", 0, "--lr", 0.4, "--lr-peak-epoch", 1,
@@ -189,8 +191,8 @@ def test_loader_sees_every_sample_once_per_epoch_across_workers(tmp_path):
     """Two gloo ranks over one .beton whose labels are the sample indices."""
     import numpy as np
 
-    from pipeline.manifest import WriterSettings
-    from pipeline.shards import write_beton
+    from pipeline.config import WriterSettings
+    from pipeline.data.shards import write_beton
 
     path = tmp_path / "ids.beton"
     n = 103   # not a multiple of world x batch: the trim and drop_last are exercised

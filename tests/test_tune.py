@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree
 
+pytestmark = pytest.mark.slow   # real services / Ray clusters
+
 
 TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 32,
         "--val-res", 32, "--start-ramp", 0, "--end-ramp", 0, "--lr-peak-epoch", 1,

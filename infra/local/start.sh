@@ -5,4 +5,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 py="${PIPELINE_PYTHON:-$here/.venv/bin/python}"
-exec "$py" -m pipeline.local_services start "${1:-.stack}"
+exec "$py" -m pipeline.ops.local_services start "${1:-.stack}"

@@ -1,0 +1,7 @@
+"""The data path: ImageNet as users have it -> FFCV shards + manifest on storage -> each node's
+cache -> the loaders a worker reads.
+
+source (find images and labels) -> images (decode safely) -> shards (plan, write one) -> stage
+(Ray tasks, manifest last) -> manifest (what a dataset holds, checked on read) -> node_cache (a
+node's local copy) -> loaders (FFCV pipelines; jpeg_crop decodes only what a crop needs).
+"""

@@ -1,0 +1,139 @@
+"""`pipeline stage`: ImageNet in any layout -> FFCV shards + manifest.json, one Ray task per shard."""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+from ..config import StageConfig
+from ..errors import UserError
+from ..progress import Progress
+from ..ray_connect import connect
+from ..storage import Storage, absolute, join
+from .manifest import MANIFEST, ClassInfo, ShardInfo, ShardManifest, SplitInfo, read_manifest
+from .shards import plan_digest, plan_shards, stage_shard
+from .source import discover
+
+
+@dataclass
+class StageResult:
+    manifest: ShardManifest
+    shards_written: int = 0
+    shards_reused: int = 0
+    images: int = 0        # images written into shards this run (skipped files not counted)
+    seconds: float = 0.0
+    nodes: set = field(default_factory=set)
+
+    def summary(self) -> dict:
+        return {"shards_written": self.shards_written, "shards_reused": self.shards_reused,
+                "images": self.images, "seconds": round(self.seconds, 2),
+                "images_per_s": round(self.images / self.seconds, 1) if self.seconds else None,
+                "nodes": len(self.nodes),
+                "skipped": len(self.manifest.skipped),
+                "splits": {k: v.samples for k, v in self.manifest.splits.items()}}
+
+
+def _ray_map(fn, items, ray_address=None):
+    """discover()'s parallel map: e.g. one Ray task per per-class tar to list."""
+    import ray
+
+    connect(ray_address)
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(item) for item in items])
+
+
+def _stage_shard_task(*args):
+    import ray
+
+    return stage_shard(*args), ray.get_runtime_context().get_node_id()
+
+
+def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | None = None,
+          progress: bool = True) -> StageResult:
+    """Make cfg.dest hold the staged dataset of cfg.source; only missing or corrupt shards are
+    written, and manifest.json comes last."""
+    import ray
+
+    if not cfg.source or not cfg.dest:
+        raise UserError("--source and --dest are required")
+    source_uri, dest_uri = absolute(cfg.source), absolute(cfg.dest)
+    layout = None if cfg.layout == "auto" else cfg.layout
+    writer, shard_size = cfg.writer, cfg.shard_size
+    storage = storage or Storage()
+    storage.check_bucket(dest_uri)
+    if source_uri.rstrip("/") == dest_uri.rstrip("/"):
+        raise UserError("--dest must differ from --source")
+
+    started = time.monotonic()
+    source = discover(storage, source_uri, layout, cfg.splits,
+                      parallel_map=functools.partial(_ray_map, ray_address=ray_address))
+    plans = plan_shards(source, writer, shard_size)
+    digest = plan_digest(plans, source.classes)
+    if storage.exists(join(dest_uri, MANIFEST)):
+        old = read_manifest(storage, dest_uri)
+        if old.plan != digest:
+            raise UserError(f"{dest_uri} already holds a dataset staged from {old.source.get('uri')} "
+                            "with other images or settings; stage into a new --dest (or delete it)")
+
+    connect(ray_address)
+    task = ray.remote(num_cpus=1, max_retries=3)(_stage_shard_task)
+    in_flight_max = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    todo = list(plans)
+    pending: dict = {}
+    results: dict[str, dict] = {}
+    result = StageResult(manifest=None)  # type: ignore[arg-type]
+    bar = Progress("stage", {"shards": len(plans),
+                             "files": sum(len(p.images) for p in plans)}) if progress else None
+    try:
+        while todo or pending:
+            while todo and len(pending) < in_flight_max:
+                p = todo.pop(0)
+                ref = task.options(scheduling_strategy="SPREAD").remote(
+                    p, source_uri, dest_uri, writer, storage)
+                pending[ref] = p
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                p = pending.pop(ref)
+                out, node = ray.get(ref)
+                results[p.path] = out["record"]
+                result.nodes.add(node)
+                if out["written"]:
+                    result.shards_written += 1
+                    result.images += out["record"]["samples"]
+                else:
+                    result.shards_reused += 1
+                if bar:
+                    bar.update(shards=1, files=len(p.images))
+    finally:
+        if bar:
+            bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    result.seconds = time.monotonic() - started
+
+    manifest = build_manifest(source, plans, results, writer, digest)
+    text = manifest.to_json().encode()
+    uri = join(dest_uri, MANIFEST)
+    if not storage.exists(uri) or storage.read_bytes(uri) != text:
+        storage.write_bytes(uri, text)   # last: only now is the dataset staged
+    result.manifest = manifest
+    return result
+
+
+def build_manifest(source, plans, records, writer, digest) -> ShardManifest:
+    splits: dict[str, SplitInfo] = {}
+    skipped = list(source.skipped)
+    for p in plans:
+        rec = records[p.path]
+        split = splits.setdefault(p.split, SplitInfo())
+        skipped.extend(rec["skipped"])
+        if rec["samples"]:
+            split.shards.append(ShardInfo(path=p.path, samples=rec["samples"], bytes=rec["bytes"],
+                                          sha256=rec["sha256"]))
+            split.samples += rec["samples"]
+    return ShardManifest(
+        classes=[ClassInfo(index=i, wnid=w, name=source.names.get(w, ""))
+                 for i, w in enumerate(source.classes)],
+        splits=splits, writer=writer,
+        source={"uri": source.uri, "layout": source.layout},
+        skipped=sorted(skipped, key=lambda s: s["path"]), plan=digest)

@@ -1,0 +1,1 @@
+"""Running the whole chain: `pipeline run`, `demo`, `submit` and the local service stack."""

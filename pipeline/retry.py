@@ -1,0 +1,43 @@
+"""The one way this project waits for something or retries it: bounded, backing off, in words."""
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def retry(fn: Callable[[], T], *, timeout: float, transient: Callable[[BaseException], bool],
+          first_delay: float = 0.5, max_delay: float = 15.0,
+          on_retry: Callable[[BaseException, float], None] | None = None) -> T:
+    """fn(), again after each transient failure (backing off) until `timeout` seconds have gone;
+    then, or on any other failure, the exception propagates."""
+    deadline = time.monotonic() + timeout
+    delay = first_delay
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+            time.sleep(delay)
+            delay = min(max_delay, delay * 2)
+
+
+def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2,
+               give_up: Callable[[], str | None] | None = None) -> T:
+    """Poll check() until it returns something truthy; TimeoutError naming `what` after `timeout`
+    seconds, or at once with give_up()'s reason when that returns one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        reason = give_up() if give_up is not None else None
+        if reason:
+            raise TimeoutError(f"{what}: {reason}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps around whole training runs: the search space and the sweep driver."""

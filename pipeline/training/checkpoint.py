@@ -1,0 +1,119 @@
+"""The checkpoint format, and the only code that reads or writes it.
+
+A checkpoint is a folder: `checkpoint.pt` (tensors and plain values only: weights, optimizer and
+scaler state, epoch, each rank's RNG state) and `meta.json` (what a reader needs without torch:
+arch, classes, preprocessing, metrics, lineage). It is loaded with `torch.load(weights_only=True)`,
+so a file that holds pickled objects (anyone who can write the runs bucket could plant one) is
+refused in words instead of running code on every node and in `predict`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.loaders import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UserError
+from ..storage import Storage, join
+
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+
+
+# -- RNG state as plain values ---------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's random state (torch CPU and CUDA, numpy, Python) as tensors and numbers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": {"version": int(version), "internal": list(internal),
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# -- reading and writing -----------------------------------------------------------------------------
+def load_state(data: bytes | str | Path, where: str) -> dict:
+    """A checkpoint.pt's contents, refusing anything but tensors and plain values."""
+    import pickle
+
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{where}: refused: it holds pickled Python objects, not just tensors and "
+                        "plain values (a checkpoint this pipeline writes never does); loading it "
+                        "could run code. Use a checkpoint written by `pipeline train`") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"{where}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{where}: not a checkpoint of this pipeline (no model weights in it)")
+    return state
+
+
+def save(folder: str | Path, *, model: dict, optimizer: dict, scaler: dict, epoch: int,
+         rng: list[dict], meta: dict) -> None:
+    """Write a checkpoint folder: `rng` holds every rank's RNG state, in rank order."""
+    torch.save({"model": model, "optimizer": optimizer, "scaler": scaler, "epoch": epoch,
+                "rng": rng}, os.path.join(folder, CHECKPOINT_FILE))
+    Path(folder, META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(storage: Storage, uri: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(join(uri, META_FILE)))
+    except ValueError as exc:
+        raise UserError(f"{join(uri, META_FILE)}: not valid JSON ({exc})") from exc
+
+
+def load(storage: Storage, uri: str) -> tuple[dict, dict]:
+    """(meta, state) of a checkpoint folder, local or S3."""
+    if storage.size(join(uri, META_FILE)) is None or storage.size(join(uri, CHECKPOINT_FILE)) is None:
+        raise UserError(f"{uri}: not a checkpoint folder ({META_FILE} and {CHECKPOINT_FILE} "
+                        "expected there)")
+    state = load_state(storage.read_bytes(join(uri, CHECKPOINT_FILE)), join(uri, CHECKPOINT_FILE))
+    return read_meta(storage, uri), state
+
+
+def init_weights(storage: Storage, uri: str, tracking_uri: str | None = None) -> dict:
+    """Weights to fine-tune from: a checkpoint folder or checkpoint.pt (local or S3), or a
+    registered model (models:/NAME@ALIAS), which carries its checkpoint as an extra file."""
+    if uri.startswith("models:/"):
+        from ..tracking import download_model
+
+        path = download_model(uri, tracking_uri) / "extra_files" / CHECKPOINT_FILE
+        if not path.exists():
+            raise UserError(f"{uri}: was not registered by `pipeline register` (no weights file)")
+        return load_state(path.read_bytes(), uri)["model"]
+    path = uri if uri.endswith(".pt") else join(uri, CHECKPOINT_FILE)
+    if storage.size(path) is None:
+        raise UserError(f"--init-from {uri}: no {CHECKPOINT_FILE} there")
+    return load_state(storage.read_bytes(path), path)["model"]
+
+
+def meta(cfg, classes: list[dict], epoch: int, metrics: dict, lineage: dict | None = None) -> dict:
+    """What a checkpoint says about itself: enough to rebuild, serve and trace the model."""
+    r = cfg.recipe
+    return {"arch": r.arch, "blurpool": r.blurpool, "num_classes": len(classes),
+            "classes": classes, "epoch": epoch, "metrics": metrics,
+            "preprocessing": {"resolution": r.val_res, "crop_ratio": CROP_RATIO,
+                              "mean": (IMAGENET_MEAN / 255).tolist(),
+                              "std": (IMAGENET_STD / 255).tolist()},
+            "data": cfg.data, "config": cfg.model_dump(), **(lineage or {})}

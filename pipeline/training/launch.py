@@ -1,0 +1,120 @@
+"""`pipeline train`: launch a fault-tolerant Ray Train (V2) TorchTrainer over a staged dataset.
+
+The shape of Ray's own Train examples: check the inputs, build a TorchTrainer around the plain
+PyTorch worker (worker.py), fit, summarise. The pieces around it live beside this file: what the
+cluster can hold (cluster.py), how failures are judged (failures.py), the summary (summary.py),
+the checkpoint format (checkpoint.py); the MLflow run's lifecycle is tracking.TrackedRun.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+
+from ..config import TrainConfig
+from ..data.manifest import manifest_sha256, read_manifest
+from ..errors import UserError
+from ..ray_connect import connect
+from ..storage import Storage, absolute, join
+from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
+from . import checkpoint
+from .cluster import check_capacity, prefetch_data, worker_bundle
+from .failures import FailureRecorder, explain_failure
+from .run_events import RunEvents
+from .summary import build_summary, write_summary
+from .worker import FAULT_ENV, train_worker
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """Paths made absolute (workers run in their own folders) and a run name that no other
+    run started in the same second can share."""
+    if not cfg.data:
+        raise UserError("--data is required: the staged dataset (folder or s3:// URI)")
+    name = cfg.run.name or f"{cfg.recipe.arch}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    return cfg.model_copy(update={
+        "data": absolute(cfg.data),
+        "run": cfg.run.model_copy(update={"storage": absolute(cfg.run.storage), "name": name,
+                                          "init_from": absolute(cfg.run.init_from)}),
+        "loader": cfg.loader.model_copy(update={"cache_dir": absolute(cfg.loader.cache_dir)})})
+
+
+def worker_env() -> dict[str, str]:
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # our one line per epoch would be logged twice
+    if os.environ.get(FAULT_ENV):   # fault injection for the fault-tolerance tests
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env
+
+
+def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
+          callbacks: list | None = None, tracking: Tracking | None = None,
+          label: str = "train", say=print) -> dict:
+    """Run (or resume, when cfg.run.name names an unfinished run) and return the final summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    storage = storage or Storage()
+    cfg = resolved(cfg)
+    manifest = read_manifest(storage, cfg.data)
+    for split in ("train", "val"):
+        if not manifest.splits.get(split) or not manifest.splits[split].shards:
+            raise UserError(f"{cfg.data}: the staged dataset has no '{split}' split")
+    storage.check_bucket(cfg.run.storage)
+    init_state = checkpoint.init_weights(storage, cfg.run.init_from, tracking and tracking.uri) \
+        if cfg.run.init_from else None
+    data_sha = manifest_sha256(storage, cfg.data)
+    connect(ray_address)
+    nodes = check_capacity(cfg, say)
+    run_dir = join(cfg.run.storage, cfg.run.name)
+    events = RunEvents(storage, run_dir)
+
+    mlflow = None
+    if tracking is not None:
+        mlflow = TrackedRun(tracking, cfg.run.name, storage=storage, run_dir=run_dir, say=say,
+                            tags=lineage_tags(cfg.data, data_sha, tracking.trial_id),
+                            params=safe_params(cfg.flat()))
+    lineage = {"manifest_sha256": data_sha, "mlflow_run_id": mlflow and mlflow.run_id,
+               "trial_id": tracking and tracking.trial_id}
+    try:
+        events.add("driver_start")
+        prefetch_data(storage, cfg, manifest, nodes)
+        lo, hi = cfg.workers_range
+        storage_path, filesystem = storage.for_ray(cfg.run.storage)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"train": cfg.model_dump(), "manifest": manifest.model_dump(),
+                               "storage": storage, "run_dir": run_dir, "init_state": init_state,
+                               "lineage": lineage, "label": label,
+                               "tracking": mlflow and mlflow.for_workers()},
+            scaling_config=ScalingConfig(
+                num_workers=lo if lo == hi else (lo, hi), use_gpu=cfg.resources.gpus_per_worker > 0,
+                resources_per_worker=worker_bundle(cfg.resources),
+                elastic_resize_monitor_interval_s=cfg.resources.elastic_resize_seconds),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                failure_config=FailureConfig(
+                    max_failures=cfg.run.max_failures,
+                    # each worker-group start waits 60 s for resources; bound the retries so a
+                    # cluster that can no longer hold the workers ends the run, in words
+                    controller_failure_limit=max(1, math.ceil(cfg.resources.resource_wait_minutes))),
+                checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
+                                                   checkpoint_score_order="max"),
+                callbacks=[FailureRecorder(storage, run_dir), *(callbacks or [])],
+                worker_runtime_env={"env_vars": worker_env()},
+                logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        result = trainer.fit()
+    except BaseException as exc:
+        if mlflow is not None:
+            mlflow.finish(status="FAILED" if isinstance(exc, Exception) else "KILLED")
+        if isinstance(exc, Exception):
+            raise explain_failure(exc, cfg) from exc
+        raise
+
+    summary = build_summary(cfg.run.name, result, storage, cfg.run.storage, run_dir, events.all(),
+                            mlflow and mlflow.run_id)
+    write_summary(storage, run_dir, summary)
+    if mlflow is not None:
+        mlflow.finish(summary)
+    return summary

@@ -1,0 +1,68 @@
+"""The checkpoint format: tensors and plain values only, each rank's RNG state, best is best."""
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+from pipeline.storage import Storage
+from pipeline.training import checkpoint
+from pipeline.training.model import build_model
+from pipeline.training.summary import best_checkpoint
+
+CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"c{i}"} for i in range(3)]
+
+
+def draws() -> tuple:
+    return torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()
+
+
+def test_round_trip_restores_each_ranks_rng(tmp_path):
+    states = []
+    for rank in range(2):   # two ranks with different streams
+        torch.manual_seed(rank)
+        np.random.seed(rank)
+        random.seed(rank)
+        states.append(checkpoint.rng_state())
+    model = build_model("resnet18", 3, blurpool=True)
+    checkpoint.save(tmp_path, model=model.state_dict(), optimizer={}, scaler={}, epoch=2,
+                    rng=states, meta=checkpoint.meta(TrainConfig(arch="resnet18"), CLASSES, 2, {}))
+    expected = []
+    for rank in range(2):
+        checkpoint.set_rng_state(states[rank])
+        expected.append(draws())
+    assert expected[0] != expected[1]
+    meta, state = checkpoint.load(Storage(), str(tmp_path))
+    assert meta["num_classes"] == 3 and state["epoch"] == 2
+    for rank in range(2):
+        torch.manual_seed(99)
+        checkpoint.set_rng_state(state["rng"][rank])
+        assert draws() == expected[rank]
+
+
+class Planted:
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"model": {}, "extra": Planted()}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    (tmp_path / checkpoint.META_FILE).write_text(json.dumps({"arch": "resnet18"}))
+    with pytest.raises(UserError, match="refused: it holds pickled Python objects"):
+        checkpoint.load(Storage(), str(tmp_path))
+    with pytest.raises(UserError, match="refused"):
+        checkpoint.init_weights(Storage(), str(tmp_path))
+
+
+def test_best_checkpoint_is_the_highest_score_whatever_the_order():
+    a, b, c = (SimpleNamespace(path=p) for p in "abc")
+    kept = [(b, {"val_top1": 0.9}), (a, {"val_top1": 0.5}), (c, {"val_top1": 0.7})]
+    assert best_checkpoint(kept).path == "b"
+    assert best_checkpoint(list(reversed(kept))).path == "b"
+    assert best_checkpoint([(a, {})]) is None

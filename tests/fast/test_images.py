@@ -1,0 +1,73 @@
+"""Untrusted images: oddities become RGB, bombs and broken files are refused in words."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import BadImage, decode_rgb
+from pipeline.data.sample_data import class_image, jpeg_bytes
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes whose header claims width x height pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    data = bytearray(jpeg_bytes(np.zeros((16, 16, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_decode_converts_real_imagenet_oddities_to_rgb():
+    rng = np.random.default_rng(0)
+    img = class_image(rng, 1, 4)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    for data in (buf.getvalue(), jpeg_bytes(img, "CMYK"), jpeg_bytes(img, "L")):
+        out = decode_rgb(data, 512)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+    out = decode_rgb(jpeg_bytes(np.zeros((1200, 900, 3), np.uint8)), 256)   # reduced-scale decode
+    assert out.shape == (256, 192, 3)
+    data = jpeg_bytes(img)
+    with pytest.raises(BadImage, match="truncated"):
+        decode_rgb(data[: len(data) // 2], 512)
+    with pytest.raises(BadImage, match="empty file"):
+        decode_rgb(b"", 512)
+    with pytest.raises(BadImage, match="not an image"):
+        decode_rgb(b"<html>not found</html>", 512)
+
+
+@pytest.mark.parametrize("data", [png_claiming(65000, 65000), png_claiming(40000, 40000),
+                                  jpeg_claiming(65000, 65000)])
+def test_decompression_bombs_are_refused_before_decoding(data):
+    assert len(data) < 5000
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_rgb(data, 512)
+
+
+def test_the_pixel_bound_applies_to_real_pixels():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((3000, 3000), np.uint8)).save(buf, format="PNG")   # ~9 KB
+    with pytest.raises(BadImage, match="over max_image_pixels"):
+        decode_rgb(buf.getvalue(), 512, max_pixels=4_000_000)
+    assert decode_rgb(buf.getvalue(), 512, max_pixels=10_000_000).shape == (512, 512, 3)
+
+
+def test_sixteen_bit_greyscale_keeps_its_grey():
+    grey = np.full((40, 60), 32896, np.uint16)            # mid-grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    out = decode_rgb(buf.getvalue(), 512)
+    assert out.shape == (40, 60, 3) and abs(int(out.mean()) - 128) <= 1
