@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 def rank_main(rank: int, path: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from pipeline.data.loaders import TrainLoader
+    from pipeline.data.loaders import Reads, TrainLoader
 
-    loader = TrainLoader(path, batch_size=8, res=32, threads=1, world=2, seed=5,
+    loader = TrainLoader(Reads.whole_file(path, rank, 2), batch_size=8, res=32, threads=1, seed=5,
                          device=torch.device("cpu"))
     seen = {}
     for epoch in (0, 1):

@@ -29,8 +29,11 @@ def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
                       start_ramp=0, end_ramp=0, val_res=160, precision="bf16", cpus_per_worker=4)
     device = torch.device("cuda", 0)
     torch.backends.cudnn.benchmark = True
-    trainer = ImageNetTrainer(cfg, str(tmp_path / "train.beton"), str(tmp_path / "val.beton"),
-                              classes, rank=0, world=1, device=device,
+    from pipeline.data.loaders import Reads
+
+    trainer = ImageNetTrainer(cfg, Reads.whole_file(tmp_path / "train.beton"),
+                              Reads.whole_file(tmp_path / "val.beton"), classes, rank=0, world=1,
+                              device=device,
                               wrap_model=lambda m: m.to(device))
     assert trainer.autocast_dtype == torch.bfloat16
     assert trainer.bare_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from ..console import say
+
 
 def add_parsers(sub, s3_flags) -> None:
     p = sub.add_parser("stage", help="images/s staging with 1 and 2 Ray workers vs FFCV's writer",
@@ -54,15 +56,23 @@ def add_parsers(sub, s3_flags) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each")
     p.add_argument("--gpus-per-worker", type=float, default=0)
 
+    from . import data
+
+    data.add_arguments(sub.add_parser(
+        "data", help="per node: bytes fetched, disk, time to first step, img/s; both placements",
+        description=data.__doc__))
+
 
 def main(args) -> int:
+    from .data import run as bench_data
     from .stage import bench_stage
 
-    return {"stage": bench_stage, "loader": bench_loader, "train": bench_train}[args.bench](args)
+    return {"stage": bench_stage, "loader": bench_loader, "train": bench_train,
+            "data": bench_data}[args.bench](args)
 
 
 def staged_sample(work: str, *, source: str | None, classes: int, train_per_class: int,
-                  val_per_class: int, max_resolution: int) -> tuple[str, str]:
+                  val_per_class: int, max_resolution: int, shard_size: int = 1024) -> tuple[str, str]:
     """(source, staged dataset) in `work`: sample data made when no source is given, staged
     on a local Ray that is shut down again."""
     import ray
@@ -80,6 +90,7 @@ def staged_sample(work: str, *, source: str | None, classes: int, train_per_clas
              logging_level="WARNING")
     try:
         stage(StageConfig(source=source, dest=staged, max_resolution=max_resolution,
+                          shard_size=shard_size,
                           splits=["train", "val"] if val_per_class else ["train"]), progress=False)
     finally:
         ray.shutdown()
@@ -87,13 +98,16 @@ def staged_sample(work: str, *, source: str | None, classes: int, train_per_clas
 
 
 def node_copy(staged: str, split: str, cache: str) -> str:
-    """The local .beton a worker reads for `split` (the node cache, as in training)."""
+    """The local .beton a worker reads for `split` (the node cache holding every shard)."""
     from ..data.manifest import read_manifest
-    from ..data.node_cache import local_split
+    from ..data.node_cache import NodeSplit
     from ..storage import Storage
 
     storage = Storage()
-    return str(local_split(storage, staged, read_manifest(storage, staged), split, cache))
+    manifest = read_manifest(storage, staged)
+    node = NodeSplit(storage, staged, manifest, split, cache)
+    node.ensure([s.path for s in manifest.splits[split].shards])
+    return str(node.path)
 
 
 def bench_loader(args) -> int:
@@ -105,14 +119,14 @@ def bench_loader(args) -> int:
     folder, decode = rate["torchvision ImageFolder + DataLoader"], rate["full JPEG decode, no augmentation"]
     for r in rows:
         r["x_imagefolder"] = round(r["images_per_s"] / folder, 2)
-    print(_table(rows, ["loader", "images_per_s", "x_imagefolder"]))
+    say(_table(rows, ["loader", "images_per_s", "x_imagefolder"]))
     ratios = {"ours_vs_ffcv": round(ours / ffcv, 3), "ours_vs_imagefolder": round(ours / folder, 2),
               "ffcv_vs_imagefolder": round(ffcv / folder, 2),
               "ours_vs_decode_limit": round(ours / decode, 2)}
-    print(f"threads: {threads}, res {args.res}, batch {args.batch_size}; " +
+    say(f"threads: {threads}, res {args.res}, batch {args.batch_size}; " +
           ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    print("goals: ours >= 0.95 x bare FFCV and >= 2.5 x ImageFolder")
-    print(json.dumps({"bench": "loader", "threads": threads, "rows": rows, **ratios}))
+    say("goals: ours >= 0.95 x bare FFCV and >= 2.5 x ImageFolder")
+    say(json.dumps({"bench": "loader", "threads": threads, "rows": rows, **ratios}))
     return 0
 
 
@@ -120,11 +134,11 @@ def bench_train(args) -> int:
     from .train import run
 
     result = run(args)
-    print(_table(result["rows"], ["launcher", "run", "s_per_step"]))
-    print(f"median s/step: ray {result['ray_s_per_step']:.4f}, torchrun "
+    say(_table(result["rows"], ["launcher", "run", "s_per_step"]))
+    say(f"median s/step: ray {result['ray_s_per_step']:.4f}, torchrun "
           f"{result['torchrun_s_per_step']:.4f}; ray/torchrun = {result['ratio']:.3f} "
           "(goal <= 1.03)")
-    print(json.dumps({"bench": "train", **result}))
+    say(json.dumps({"bench": "train", **result}))
     return 0
 
 

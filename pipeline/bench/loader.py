@@ -22,9 +22,10 @@ def _rate(batches, warmup: int = 2) -> float:
 
 
 def ours(path: str, res: int, batch: int, threads: int, epochs: int) -> float:
-    from ..data.loaders import TrainLoader
+    from ..data.loaders import Reads, TrainLoader
 
-    loader = TrainLoader(path, batch, res, threads, world=1, seed=0, device=torch.device("cpu"))
+    loader = TrainLoader(Reads.whole_file(path), batch, res, threads, seed=0,
+                         device=torch.device("cpu"))
     return max(_rate(loader.epoch(e, res)) for e in range(epochs))
 
 

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 import time
 
+from ..console import say
+
 from . import _table
 
 
@@ -84,10 +86,10 @@ def bench_stage(args) -> int:
         one = next(r["images_per_s"] for r in rows if r["workers"] == 1)
         for r in rows:
             r["x_vs_1_worker"] = round(r["images_per_s"] / one, 2)
-        print(_table(rows, ["writer", "workers", "images", "images_per_s", "x_vs_1_worker"]))
+        say(_table(rows, ["writer", "workers", "images", "images_per_s", "x_vs_1_worker"]))
         cores = os.cpu_count()
-        print(f"cores: {cores}; goal: {cores} workers >= {0.9 * cores:.1f} x one worker")
-        print(json.dumps({"bench": "stage", "cores": cores, "rows": rows}))
+        say(f"cores: {cores}; goal: {cores} workers >= {0.9 * cores:.1f} x one worker")
+        say(json.dumps({"bench": "stage", "cores": cores, "rows": rows}))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,10 +28,12 @@ def bench_config(args, data: str) -> TrainConfig:
 def timed_epoch(cfg: TrainConfig, paths: dict, classes: list, rank: int, world: int,
                 device: torch.device, wrap_model=None) -> float:
     """Seconds per step of the second of two short epochs."""
+    from ..data.loaders import Reads
     from ..training.worker import ImageNetTrainer
 
-    trainer = ImageNetTrainer(cfg, paths["train"], paths["val"], classes, rank, world, device,
-                              wrap_model=wrap_model)
+    trainer = ImageNetTrainer(cfg, Reads.whole_file(paths["train"], rank, world),
+                              Reads.whole_file(paths["val"], rank, world), classes, rank, world,
+                              device, wrap_model=wrap_model)
     trainer.train_loop(0)
     stats = trainer.train_loop(1)
     return stats["epoch_seconds"] / stats["steps"]

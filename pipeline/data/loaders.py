@@ -1,6 +1,8 @@
 """FFCV Loaders for the recipe: RandomResizedCrop + flip for training, centre crop for validation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -112,33 +114,83 @@ def num_samples(path: str) -> int:
     return int(Reader(path).num_samples)
 
 
-class TrainLoader:
-    """One FFCV Loader over the node's merged train split, reused for every epoch.
+@dataclass(frozen=True)
+class Reads:
+    """What one rank reads of one split: samples `indices` of the node file at `path`, shared by
+    `parts` ranks of which this is `part`; `per_rank` samples per training epoch."""
 
-    With several workers each rank gets its part of a fresh permutation of the whole split every
-    epoch (FFCV's distributed RANDOM order, seeded by seed + epoch), so every sample is seen once
-    per epoch. The split is trimmed to a multiple of the world size so that the sampler never pads
-    with duplicates; equal per-rank counts also keep DDP's all-reduces in step.
+    path: str
+    indices: np.ndarray
+    part: int = 0
+    parts: int = 1
+    per_rank: int = 0
+    stream: bool = False
+
+    @classmethod
+    def whole_file(cls, path: str, rank: int = 0, world: int = 1) -> "Reads":
+        n = num_samples(path)
+        return cls(str(path), np.arange(n), rank, world, n // world)
+
+    def in_order(self) -> np.ndarray:
+        """This rank's contiguous part, for validation: every sample read by exactly one rank."""
+        return np.array_split(self.indices, self.parts)[self.part]
+
+
+def share_order(indices: np.ndarray, part: int, parts: int, per_rank: int, seed: int,
+                stream: bool):
+    """An FFCV traversal order giving this rank its samples of each epoch (placement.epoch_order).
+    FFCV takes a custom order as an instance that it calls with the loader."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    from .placement import epoch_order
+
+    class ShareOrder(TraversalOrder):
+        def __init__(self):   # bound to its loader in __call__
+            self.pages = None
+
+        def __call__(self, loader):
+            self.loader, self.indices, self.seed, self.distributed = loader, indices, seed, False
+            if stream:   # the page of each sample, so that pages are read whole and in order
+                meta = loader.reader.metadata
+                field = next(n for n in meta.dtype.names
+                             if meta.dtype[n].names and "data_ptr" in meta.dtype[n].names)
+                shift = np.uint64(int(loader.reader.page_size).bit_length() - 1)
+                self.pages = (meta[field]["data_ptr"][indices] >> shift).astype(np.int64)
+            return self
+
+        def sample_order(self, epoch: int):
+            return epoch_order(indices, part, parts, per_rank, seed, epoch, self.pages)
+
+    return ShareOrder()
+
+
+class TrainLoader:
+    """One FFCV Loader over this rank's samples of the node's train file, reused every epoch.
+
+    Each epoch's order comes from placement.epoch_order: a fresh shuffle of the samples this
+    rank's node holds (or of the whole split), of which this rank reads its equal part. In stream
+    mode (os_cache off) FFCV's process cache reads the pages itself, whole pages in order, so a
+    node's share need not fit in its page cache.
     """
 
-    def __init__(self, path: str, batch_size: int, res: int, threads: int, world: int, seed: int,
-                 device: torch.device, max_steps: int = 0):
-        from ffcv.loader import Loader, OrderOption
+    def __init__(self, reads: Reads, batch_size: int, res: int, threads: int, seed: int,
+                 device: torch.device):
+        from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip
 
-        n = num_samples(path)
-        usable = n - n % world
-        if max_steps:
-            usable = min(usable, max_steps * batch_size * world)
-        if usable // world < batch_size:
-            raise ValueError(f"{n} training images give each of {world} workers fewer than one "
-                             f"batch of {batch_size}; lower batch_size")
+        if reads.per_rank < batch_size:
+            from ..errors import UserError
+
+            raise UserError(f"--batch-size {batch_size}: each worker reads {reads.per_rank} "
+                            "training images per epoch, fewer than one batch; lower --batch-size "
+                            "or --num-workers")
         self.decoder = scaled_crop_decoder((res, res))
         self.res = res
         self.loader = Loader(
-            path, batch_size=batch_size, num_workers=threads, order=OrderOption.RANDOM,
-            drop_last=True, distributed=world > 1, seed=seed, indices=np.arange(usable),
-            os_cache=True,
+            reads.path, batch_size=batch_size, num_workers=threads,
+            order=share_order(reads.indices, reads.part, reads.parts, reads.per_rank, seed,
+                              reads.stream),
+            drop_last=True, seed=seed, indices=reads.indices, os_cache=not reads.stream,
             pipelines={"image": [self.decoder, RandomHorizontalFlip(), *_image_tail(device)],
                        "label": _label_pipeline(device)})
 
@@ -148,22 +200,24 @@ class TrainLoader:
         if res != self.res:
             self.decoder.output_size = (res, res)
             self.res = res
-        self.loader.next_epoch = epoch   # the permutation depends on the epoch: same after a resume
+        self.loader.next_epoch = epoch   # the order depends on the epoch: same after a resume
         return iter(self.loader)
 
     def __len__(self):
         return len(self.loader)
 
 
-def val_loader(path: str, batch_size: int, res: int, threads: int, world: int, rank: int,
-               device: torch.device):
-    """This rank's share of the validation split, in order, nothing dropped or repeated."""
+def val_loader(reads: Reads, batch_size: int, res: int, threads: int, device: torch.device):
+    """A rank's part of the validation split, in order, nothing dropped or repeated (nothing at
+    all for a rank whose node holds no validation shard)."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    indices = np.arange(num_samples(path))[rank::world]
-    return Loader(path, batch_size=batch_size, num_workers=threads, order=OrderOption.SEQUENTIAL,
-                  drop_last=False, indices=indices, os_cache=True,
+    if not len(reads.in_order()):
+        return []
+    return Loader(reads.path, batch_size=batch_size, num_workers=threads,
+                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=reads.in_order(),
+                  os_cache=not reads.stream,
                   pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=CROP_RATIO),
                                        *_image_tail(device)],
                              "label": _label_pipeline(device)})

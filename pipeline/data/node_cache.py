@@ -1,132 +1,411 @@
-"""The node-local copy of a staged dataset that training reads.
+"""A node's local copy of the shards its workers read, as one FFCV file per split.
 
-Each node downloads every shard of a split once (the first worker to arrive does it under a file
-lock; the others wait and reuse it), checks each against the manifest's sha256, and merges the
-shards of the split into one local .beton. One file per split lets a single FFCV Loader do what the
-FFCV recipe does: a fresh distributed permutation of the whole split every epoch, equal step counts
-on every rank, no per-shard loader start-up.
+Each node holds the shards assigned to it (all of them in the global placement, about 1/N of
+each split in the per-node one, data/placement.py) in one .beton per split that FFCV reads
+directly. The file grows in place: a shard's data pages are streamed from storage straight to
+their place at the end of the file (one sequential GET per shard, several shards at once, each
+checked against the manifest's sha256 as it streams), then the metadata, the allocation table and
+the header are written. There is never a second copy: the disk holds the shards plus a few MB.
+
+When the assignment changes (a node lost and replaced, an elastic run grows) the node keeps what
+it has and fetches only what it lacks. A state file beside the data records what the file holds
+and a digest of its structure; it is written last, so a file whose state does not match (a
+crash mid-append) is cut back to its last complete state, or rebuilt, never trusted as is.
+
+The cache lives in a folder of this user only (0700): the default is not a shared /tmp path that
+another user could prepare.
 """
 from __future__ import annotations
 
+import errno
+import getpass
 import hashlib
 import json
 import os
 import shutil
+import stat
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 
 from ..errors import UserError
-from ..storage import Storage, join, sha256_file
-from .manifest import ShardManifest
+from ..storage import Storage, join
+from .manifest import ShardInfo, ShardManifest
+
+FETCH_THREADS = 4
+HEAD_BYTES = 64 * 1024
+STATE_VERSION = 1
 
 
 def cache_root(cache_dir: str = "") -> Path:
-    return Path(cache_dir or os.environ.get("PIPELINE_CACHE_DIR") or "/tmp/pipeline-cache")
+    """The node cache folder: the setting, else $PIPELINE_CACHE_DIR, else a folder of this user
+    under the temp dir. It must be this user's and writable by no one else: a shared folder
+    given there (/tmp, a pod's emptyDir) gets a private pipeline-<user> folder inside it."""
+    root = Path(cache_dir or os.environ.get("PIPELINE_CACHE_DIR") or
+                Path(tempfile.gettempdir()) / f"pipeline-cache-{getpass.getuser()}")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _private(root):
+        root = root / f"pipeline-{getpass.getuser()}"
+        root.mkdir(exist_ok=True, mode=0o700)
+        if not _private(root):
+            raise UserError(f"node cache {root} belongs to another user or can be written by "
+                            "others; set --cache-dir or PIPELINE_CACHE_DIR to a folder of your own")
+    return root
+
+
+def _private(folder: Path) -> bool:
+    st = folder.lstat()
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def dataset_key(data_uri: str, manifest: ShardManifest) -> str:
     return hashlib.sha256(f"{data_uri.rstrip('/')}\n{manifest.plan}".encode()).hexdigest()[:16]
 
 
-def local_split(storage: Storage, data_uri: str, manifest: ShardManifest, split: str,
-                cache_dir: str = "") -> Path:
-    """Path of one local .beton holding the whole split; downloads and merges at most once per node."""
-    if split not in manifest.splits or not manifest.splits[split].shards:
-        raise UserError(f"{data_uri}: the staged dataset has no '{split}' split; stage it with "
-                        f"--splits {split}")
-    folder = cache_root(cache_dir) / dataset_key(data_uri, manifest)
-    merged, done = folder / f"{split}.beton", folder / f"{split}.done"
-    expected = [s.sha256 for s in manifest.splits[split].shards]
+@dataclass
+class Layout:
+    """Where things are in one shard file."""
 
-    def ready() -> bool:
+    header: np.ndarray
+    descriptors: bytes
+    meta_start: int
+    num_samples: int
+    data_start: int
+    data_end: int
+    size: int
+
+
+@dataclass
+class Held:
+    """A shard held in the node file: its samples and its data pages there."""
+
+    path: str
+    sha256: str
+    first: int
+    samples: int
+    data_start: int
+    data_end: int
+
+
+@dataclass
+class State:
+    version: int
+    split: str
+    capacity: int
+    page_size: int
+    num_samples: int
+    logical_end: int
+    structure_sha256: str
+    shards: list[Held] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> "State | None":
         try:
-            return json.loads(done.read_text()) == expected and merged.exists()
-        except (OSError, ValueError):
-            return False
-
-    if ready():
-        return merged
-    with FileLock(folder / f"{split}.lock"):
-        if ready():
-            return merged
-        local = []
-        for shard in manifest.splits[split].shards:
-            path = folder / "shards" / shard.path
-            if not path.exists() or path.stat().st_size != shard.bytes:
-                storage.download_file(join(data_uri, shard.path), path)
-            actual = sha256_file(path)
-            if actual != shard.sha256:
-                path.unlink()
-                raise UserError(f"{join(data_uri, shard.path)}: sha256 {actual[:12]}... does not "
-                                f"match the manifest ({shard.sha256[:12]}...): the shard is "
-                                "corrupt; re-run `pipeline stage` with the same settings to repair it")
-            local.append(path)
-        tmp = folder / f".{split}.beton.part"
-        merge_betons(local, tmp)
-        os.replace(tmp, merged)
-        done.write_text(json.dumps(expected))
-        shutil.rmtree(folder / "shards" / split, ignore_errors=True)  # the merged file replaces them
-    return merged
+            raw = json.loads(path.read_text())
+            raw["shards"] = [Held(**s) for s in raw["shards"]]
+            state = cls(**raw)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return state if state.version == STATE_VERSION else None
 
 
-def merge_betons(paths: list[Path], out: Path) -> None:
-    """Concatenate FFCV .beton files that share fields and page size into one.
+@dataclass
+class FetchStats:
+    split: str
+    shards_fetched: int = 0
+    shards_kept: int = 0
+    bytes_downloaded: int = 0
+    file_bytes: int = 0
+    seconds: float = 0.0
 
-    A .beton is: header | field descriptors | per-sample metadata | page-aligned data pages |
-    allocation table. The data pages are copied whole; every pointer into them (the metadata's
-    data_ptr of image/bytes fields, the allocation table) is shifted by where that file's pages
-    now start, and sample ids by how many samples came before.
-    """
-    from ffcv.reader import Reader
-    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
-    from ffcv.utils import align_to_page
 
-    readers = [Reader(str(p)) for p in paths]
-    first = readers[0]
-    for r in readers[1:]:
-        if r.page_size != first.page_size or r.field_descriptors.tobytes() != first.field_descriptors.tobytes():
-            raise UserError(f"{r.file_name}: shard has other fields or page size than "
-                            f"{first.file_name}; the dataset was staged inconsistently")
-    page = int(first.page_size)
-    total = int(sum(int(r.num_samples) for r in readers))
-    meta_start = HeaderType.itemsize + first.field_descriptors.nbytes
-    data_start = align_to_page(meta_start + total * first.metadata_type.itemsize, page)
-    pointer_fields = [name for name in first.metadata_type.names
-                      if first.metadata_type[name].names and "data_ptr" in first.metadata_type[name].names]
+def _ffcv_types():
+    from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
-    metadata, tables = [], []
-    position, sample_offset = data_start, 0
-    spans = []
-    for r in readers:
-        src_start = align_to_page(HeaderType.itemsize + r.field_descriptors.nbytes
-                                  + int(r.num_samples) * r.metadata_type.itemsize, page)
-        src_end = int(r.header["alloc_table_ptr"])
-        shift = position - src_start
-        meta = r.metadata.copy()
-        for name in pointer_fields:
-            meta[name]["data_ptr"] = (meta[name]["data_ptr"].astype(np.int64) + shift).astype(np.uint64)
-        table = r.alloc_table.copy()
-        table["sample_id"] += np.uint64(sample_offset)
-        table["ptr"] = (table["ptr"].astype(np.int64) + shift).astype(np.uint64)
-        metadata.append(meta)
-        tables.append(table)
-        spans.append((r.file_name, src_start, src_end))
-        position += src_end - src_start
-        sample_offset += int(r.num_samples)
+    return ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
-    header = first.header.copy()
-    header["num_samples"] = total
-    header["alloc_table_ptr"] = position
-    with open(out, "wb") as f:
-        f.write(np.zeros(1, dtype=HeaderType).tobytes())
-        f.write(first.field_descriptors.tobytes())
-        f.write(np.concatenate(metadata).tobytes())
-        f.write(b"\0" * (data_start - f.tell()))
-        for name, start, end in spans:
-            with Storage().open_range(name, start, end - start) as src:
-                shutil.copyfileobj(src, f, 8 * 1024 * 1024)
-        f.write(np.concatenate(tables).astype(ALLOC_TABLE_TYPE).tobytes())
-        f.seek(0)
-        f.write(np.array([header], dtype=HeaderType).tobytes())
+
+def _align(n: int, page: int) -> int:
+    return n if n % page == 0 else n + page - n % page
+
+
+class NodeSplit:
+    """The node file of one split of one dataset."""
+
+    def __init__(self, storage: Storage, data_uri: str, manifest: ShardManifest, split: str,
+                 cache_dir: str = ""):
+        if split not in manifest.splits or not manifest.splits[split].shards:
+            raise UserError(f"{data_uri}: the staged dataset has no '{split}' split; stage it "
+                            f"with --splits {split}")
+        self.storage, self.data_uri, self.manifest, self.split = storage, data_uri, manifest, split
+        self.folder = cache_root(cache_dir) / dataset_key(data_uri, manifest)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.folder / f"{split}.beton"
+        self.state_path = self.folder / f"{split}.state.json"
+        self.shards = {s.path: s for s in manifest.splits[split].shards}
+
+    # -- reading what is there ----------------------------------------------------------------
+    @staticmethod
+    def _structure(header: np.ndarray, descriptors: bytes, meta: np.ndarray, table: np.ndarray) -> str:
+        h = hashlib.sha256(header.tobytes())
+        h.update(descriptors)
+        h.update(meta.tobytes())
+        h.update(table.tobytes())
+        return h.hexdigest()
+
+    def _read_structure(self, state: State):
+        """(header, descriptors, metadata, alloc table) as the file holds them now."""
+        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
+        with open(self.path, "rb") as f:
+            header = np.frombuffer(f.read(Header.itemsize), Header)[0].copy()
+            descriptors = f.read(int(header["num_fields"]) * FieldDesc.itemsize)
+            meta_type = get_metadata_type(list(get_handlers(np.frombuffer(descriptors, FieldDesc))))
+            meta = np.frombuffer(f.read(int(header["num_samples"]) * meta_type.itemsize), meta_type)
+            f.seek(int(header["alloc_table_ptr"]))
+            table = np.frombuffer(f.read(state.logical_end - int(header["alloc_table_ptr"])), ALLOC)
+        return header, descriptors, meta, table
+
+    def current(self) -> State | None:
+        """What the file holds, if its state and its structure agree; a file grown past its last
+        complete state (a crash mid-append) is cut back to it."""
+        state = State.load(self.state_path)
+        if state is None or not self.path.exists():
+            return None
+        if self.path.stat().st_size < state.logical_end:
+            return None
+        if self.path.stat().st_size > state.logical_end:
+            os.truncate(self.path, state.logical_end)
+        try:
+            header, descriptors, meta, table = self._read_structure(state)
+        except (OSError, ValueError, KeyError):
+            return None
+        if int(header["num_samples"]) != state.num_samples or \
+                self._structure(header, descriptors, meta, table) != state.structure_sha256:
+            return None
+        return state
+
+    # -- fetching -----------------------------------------------------------------------------
+    def ensure(self, wanted: list[str]) -> tuple[State, FetchStats]:
+        """Make the node file hold every shard in `wanted` (paths from the manifest); fetch only
+        what it lacks. Safe to call from every worker of the node at once."""
+        with FileLock(str(self.folder / f"{self.split}.lock")):
+            started = time.monotonic()
+            stats = FetchStats(self.split)
+            state = self.current()
+            if state is None:
+                self.path.unlink(missing_ok=True)
+                self.state_path.unlink(missing_ok=True)
+            held = {s.path for s in state.shards} if state else set()
+            missing = [self.shards[p] for p in wanted if p not in held]
+            stats.shards_kept = len(set(wanted) & held)
+            if missing:
+                state = self._append(state, missing, stats)
+            stats.file_bytes = self.path.stat().st_size if self.path.exists() else 0
+            stats.seconds = round(time.monotonic() - started, 2)
+            return state, stats
+
+    def _head(self, shard: ShardInfo) -> Layout:
+        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
+        uri = join(self.data_uri, shard.path)
+        head = self.storage.read_bytes(uri, 0, min(HEAD_BYTES, shard.bytes))
+        header = np.frombuffer(head[:Header.itemsize], Header)[0].copy()
+        end = Header.itemsize + int(header["num_fields"]) * FieldDesc.itemsize
+        if len(head) < end:
+            raise self._corrupt(shard, "its header is cut short")
+        descriptors = head[Header.itemsize:end]
+        meta_type = get_metadata_type(list(get_handlers(np.frombuffer(descriptors, FieldDesc))))
+        n = int(header["num_samples"])
+        data_start = _align(end + n * meta_type.itemsize, int(header["page_size"]))
+        data_end = int(header["alloc_table_ptr"])
+        if n != shard.samples or not data_start <= data_end <= shard.bytes:
+            raise self._corrupt(shard, "its header does not match the manifest")
+        return Layout(header, descriptors, end, n, data_start, data_end, shard.bytes)
+
+    def _corrupt(self, shard: ShardInfo, why: str) -> UserError:
+        return UserError(f"{join(self.data_uri, shard.path)}: {why}: the shard is corrupt; re-run "
+                         "`pipeline stage` with the same settings to repair it")
+
+    def _stream_into(self, fd: int, shard: ShardInfo, layout: Layout, target: int) -> tuple[bytes, bytes]:
+        """One sequential read of the shard: its data pages go to `target` in the node file,
+        its metadata and allocation table come back; every byte is hashed on the way."""
+        h = hashlib.sha256()
+        head, tail = bytearray(), bytearray()
+        pos = 0
+        for chunk in self.storage.stream(join(self.data_uri, shard.path)):
+            h.update(chunk)
+            end = pos + len(chunk)
+            if pos < layout.data_start:
+                head += chunk[:layout.data_start - pos]
+            lo, hi = max(pos, layout.data_start), min(end, layout.data_end)
+            if lo < hi:
+                view = memoryview(chunk)[lo - pos:hi - pos]
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], target + lo - layout.data_start + written)
+            if end > layout.data_end:
+                tail += chunk[max(0, layout.data_end - pos):]
+            pos = end
+        if pos != shard.bytes or h.hexdigest() != shard.sha256:
+            actual = h.hexdigest()
+            raise self._corrupt(shard, f"sha256 {actual[:12]}... does not match the manifest "
+                                       f"({shard.sha256[:12]}...)")
+        return bytes(head), bytes(tail)
+
+    def _append(self, state: State | None, missing: list[ShardInfo], stats: FetchStats) -> State:
+        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            layouts = list(pool.map(self._head, missing))
+        first = layouts[0]
+        page = int(first.header["page_size"])
+        for shard, lay in zip(missing, layouts):
+            if int(lay.header["page_size"]) != page or lay.descriptors != first.descriptors:
+                raise UserError(f"{join(self.data_uri, shard.path)}: other fields or page size "
+                                "than the other shards; the dataset was staged inconsistently")
+        descriptors = first.descriptors
+        meta_type = get_metadata_type(list(get_handlers(np.frombuffer(descriptors, FieldDesc))))
+        capacity = self.manifest.splits[self.split].samples
+        meta_offset = Header.itemsize + len(descriptors)
+
+        if state is None:
+            old_meta, old_table = np.zeros(0, meta_type), np.zeros(0, ALLOC)
+            end = _align(meta_offset + capacity * meta_type.itemsize, page)
+            held: list[Held] = []
+            logical_end = 0
+        else:
+            if state.page_size != page:
+                raise UserError(f"{self.path}: the cached copy has another page size than the "
+                                "dataset; delete the node cache folder and try again")
+            _, _, old_meta, old_table = self._read_structure(state)
+            end = _align(state.logical_end, page)   # after the old table: the old view stays valid
+            held, logical_end = list(state.shards), state.logical_end
+
+        targets, pos = [], end
+        for lay in layouts:
+            targets.append(pos)
+            pos = _align(pos + lay.data_end - lay.data_start, page)
+        table_bytes_new = sum(lay.size - lay.data_end for lay in layouts)
+        needed = pos - max(logical_end, 0) + old_table.nbytes + table_bytes_new
+        free = shutil.disk_usage(self.folder).free
+        if needed > free:
+            raise UserError(f"node cache {self.folder}: needs {needed} bytes for the "
+                            f"{self.split} shards of this node, {free} are free; free space or "
+                            "set --cache-dir to a larger disk")
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                def fetch(i):
+                    return self._stream_into(fd, missing[i], layouts[i], targets[i])
+
+                parts = list(ThreadPoolExecutor(FETCH_THREADS).map(fetch, range(len(missing))))
+                metas, tables = [old_meta], [old_table]
+                count = len(old_meta)
+                for shard, lay, target, (head, tail) in zip(missing, layouts, targets, parts):
+                    shift = target - lay.data_start
+                    meta = np.frombuffer(head[lay.meta_start:lay.meta_start + lay.num_samples *
+                                              meta_type.itemsize], meta_type).copy()
+                    for name in meta_type.names:
+                        if meta_type[name].names and "data_ptr" in meta_type[name].names:
+                            meta[name]["data_ptr"] = (meta[name]["data_ptr"].astype(np.int64)
+                                                      + shift).astype(np.uint64)
+                    table = np.frombuffer(tail, ALLOC).copy()
+                    table["sample_id"] += np.uint64(count)
+                    table["ptr"] = (table["ptr"].astype(np.int64) + shift).astype(np.uint64)
+                    metas.append(meta)
+                    tables.append(table)
+                    held.append(Held(shard.path, shard.sha256, count, lay.num_samples, target,
+                                     target + lay.data_end - lay.data_start))
+                    count += lay.num_samples
+                    stats.shards_fetched += 1
+                    stats.bytes_downloaded += shard.bytes
+                meta_all = np.concatenate(metas).astype(meta_type)
+                table_all = np.concatenate(tables).astype(ALLOC)
+                header = first.header.copy()
+                header["num_samples"] = count
+                header["alloc_table_ptr"] = pos
+                self._pwrite(fd, meta_all.tobytes(), meta_offset)
+                self._pwrite(fd, descriptors, Header.itemsize)
+                self._pwrite(fd, table_all.tobytes(), pos)
+                logical_end = pos + table_all.nbytes
+                os.ftruncate(fd, logical_end)
+                os.fsync(fd)
+                self._pwrite(fd, header.tobytes(), 0)   # the switch to the new view
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise UserError(f"node cache {self.folder}: the disk filled up while "
+                                    f"fetching the {self.split} shards (needed about {needed} "
+                                    "bytes); free space or set --cache-dir to a larger disk") from exc
+                raise
+        except BaseException:
+            os.close(fd)
+            self._undo(state)
+            raise
+        os.close(fd)
+        new = State(STATE_VERSION, self.split, capacity, page, count, logical_end,
+                    self._structure(header, descriptors, meta_all, table_all), held)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(new)))
+        os.replace(tmp, self.state_path)   # last: only now does the file hold these shards
+        return new
+
+    @staticmethod
+    def _pwrite(fd: int, data: bytes, offset: int) -> None:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def _undo(self, state: State | None) -> None:
+        """After a failed append: back to the last complete state (nothing half-written stays)."""
+        if state is None:
+            self.path.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+        elif self.path.exists():
+            os.truncate(self.path, state.logical_end)
+
+    def held(self) -> set[str]:
+        """The shards the state file says this node holds (a hint for placement; ensure() checks
+        the file itself)."""
+        state = State.load(self.state_path)
+        return {s.path for s in state.shards} if state else set()
+
+    def indices(self, state: State | None, shard_paths: list[str]) -> np.ndarray:
+        """Sample indices in the node file of these shards, in the order given."""
+        where = {s.path: s for s in state.shards} if state else {}
+        parts = [np.arange(where[p].first, where[p].first + where[p].samples) for p in shard_paths]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def node_reads(storage: Storage, data_uri: str, manifest: ShardManifest, split: str,
+               placement: str, rank_nodes: list[str], rank: int, seed: int, cache_dir: str = "",
+               read_mode: str = "memory", memory_bytes: float = 0, memory_fraction: float = 0.5,
+               max_per_rank: int = 0, holdings: dict[str, set[str]] | None = None):
+    """(what this rank reads of `split`, what its node had to fetch): the node's shards are
+    made present in its node file first (placement.plan_reads says which). read_mode auto
+    streams when the node's share is over memory_fraction of the node's memory."""
+    from .loaders import Reads
+    from .placement import plan_reads
+
+    shards = manifest.splits[split].shards
+    plan = plan_reads(shards, placement, rank_nodes, rank, seed, holdings)
+    nodes = len(set(rank_nodes))
+    if split == "train" and placement == "node" and len(shards) < nodes:
+        raise UserError(f"{data_uri}: {len(shards)} train shard(s) cannot give each of {nodes} "
+                        "nodes a share: use --placement global, or stage with a smaller "
+                        "--shard-size")
+    share = sum(s.bytes for s in shards if s.path in set(plan.shards))
+    stream = read_mode == "stream" or (read_mode == "auto" and memory_bytes > 0
+                                       and share > memory_fraction * memory_bytes)
+    node = NodeSplit(storage, data_uri, manifest, split, cache_dir)
+    state, stats = node.ensure(plan.shards)
+    per_rank = min(plan.per_rank, max_per_rank) if max_per_rank else plan.per_rank
+    reads = Reads(str(node.path), node.indices(state, plan.shards), plan.part, plan.parts,
+                  per_rank, stream)
+    return reads, {**asdict(stats), "share_bytes": share, "shards": len(plan.shards),
+                   "stream": stream, "node_samples": plan.node_samples}

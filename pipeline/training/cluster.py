@@ -48,18 +48,52 @@ def check_capacity(cfg: TrainConfig, say=print) -> list[str]:
     return nodes
 
 
-def prefetch_data(storage: Storage, cfg: TrainConfig, manifest, nodes: list[str]) -> None:
-    """Copy and verify the shards on every node that can host a worker, before training starts:
-    a corrupt shard is reported once, in words, instead of failing every worker again and again."""
+def node_memory() -> dict[str, float]:
+    """The memory Ray gives tasks on each live node, in bytes."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ..data.node_cache import local_split
+    return {n["NodeID"]: float(n.get("Resources", {}).get("memory", 0)) for n in ray.nodes()
+            if n.get("Alive")}
 
-    def fetch(split):
-        return str(local_split(storage, cfg.data, manifest, split, cfg.loader.cache_dir))
 
-    task = ray.remote(num_cpus=0, max_retries=0)(fetch)
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(s)
-            for n in nodes for s in ("train", "val")]
-    ray.get(refs)
+def choose_placement(cfg: TrainConfig, manifest, nodes: list[str], memory: dict[str, float]) -> tuple[str, str]:
+    """(global | node, why): auto is global while the whole dataset fits in memory_fraction of
+    the memory of every node that can run a worker."""
+    size = sum(s.bytes for split in manifest.splits.values() for s in split.shards)
+    fraction = cfg.loader.memory_fraction
+    smallest = min((memory.get(n, 0) for n in nodes), default=0)
+    gb = lambda b: f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"   # noqa: E731
+    if cfg.loader.placement != "auto":
+        return cfg.loader.placement, "as set"
+    if smallest and size <= fraction * smallest:
+        return "global", (f"the {gb(size)} dataset fits in {fraction:g} of every node's "
+                          f"{gb(smallest)} of memory: every node holds all of it")
+    return "node", (f"the {gb(size)} dataset is over {fraction:g} of a node's {gb(smallest)} of "
+                    f"memory: each of the {max(1, len(nodes))} nodes holds about "
+                    f"1/{max(1, len(nodes))} of it")
+
+
+def check_data(storage: Storage, cfg: TrainConfig, manifest) -> None:
+    """What can be checked before any worker starts: every shard is there with its size, and
+    each worker gets at least one batch. (Contents are checked by sha256 as nodes fetch them.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..storage import join
+
+    lo, _ = cfg.workers_range
+    train = manifest.splits["train"].samples
+    if train // lo < cfg.recipe.batch_size:
+        raise UserError(f"--batch-size {cfg.recipe.batch_size}: {train} training images give each "
+                        f"of {lo} workers {train // lo}, fewer than one batch; lower --batch-size "
+                        "or --num-workers")
+    shards = [s for split in manifest.splits.values() for s in split.shards]
+
+    def size(shard):
+        return shard, storage.size(join(cfg.data, shard.path))
+
+    with ThreadPoolExecutor(16) as pool:
+        for shard, found in pool.map(size, shards):
+            if found != shard.bytes:
+                what = "is missing" if found is None else f"has {found} bytes, the manifest says {shard.bytes}"
+                raise UserError(f"{join(cfg.data, shard.path)} {what}: the dataset is damaged; "
+                                "re-run `pipeline stage` with the same settings to repair it")

@@ -31,6 +31,15 @@ def best_checkpoint(best_checkpoints: list, metric: str = "val_top1"):
     return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
+def node_data(history: list[dict]) -> list[dict]:
+    """What each node held at the end: the last record per node and split."""
+    last = {}
+    for e in history:
+        if e["kind"] == "node_data":
+            last[(e["node"], e["split"])] = {k: v for k, v in e.items() if k not in ("kind", "pid")}
+    return list(last.values())
+
+
 def build_summary(name: str, result, storage: Storage, storage_uri: str, run_dir: str,
                   history: list[dict], mlflow_run_id: str | None) -> dict:
     last = checkpoint_uri(result.checkpoint and result.checkpoint.path, storage_uri)
@@ -49,6 +58,7 @@ def build_summary(name: str, result, storage: Storage, storage_uri: str, run_dir
         "world_sizes": [e.get("world_size") for e in starts],
         "resumed_from_epoch": starts[-1].get("resumed_from_epoch") if starts else None,
         "recoveries": recoveries(history),
+        "node_data": node_data(history),
         "run_dir": run_dir,
         "mlflow_run_id": mlflow_run_id,
     }

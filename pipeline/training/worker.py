@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Recipe, TrainConfig
-from ..data.loaders import TrainLoader, val_loader
+from ..data.loaders import Reads, TrainLoader, val_loader
 from . import checkpoint
 from .model import build_model, load_weights, param_groups
 
@@ -63,7 +63,7 @@ def resolution_at(r: Recipe, epoch: int) -> int:
 
 
 class ImageNetTrainer:
-    def __init__(self, cfg: TrainConfig, train_path: str, val_path: str, classes: list[dict],
+    def __init__(self, cfg: TrainConfig, train: Reads, val: Reads, classes: list[dict],
                  rank: int, world: int, device: torch.device, wrap_model=None):
         self.cfg, self.recipe, self.classes = cfg, cfg.recipe, classes
         self.wrap_model = wrap_model
@@ -72,8 +72,8 @@ class ImageNetTrainer:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.rank, self.world, self.device = rank, world, device
         self.global_batch = self.recipe.batch_size * world
-        self.train_loader = self.create_train_loader(train_path)
-        self.val_loader = self.create_val_loader(val_path)
+        self.train_loader = self.create_train_loader(train)
+        self.val_loader = self.create_val_loader(val)
         # FFCV sets torch's thread count when it builds a Loader; set ours afterwards.
         torch.set_num_threads(cfg.resources.cpus_per_worker)
         self.model = self.create_model()
@@ -118,14 +118,13 @@ class ImageNetTrainer:
         return torch.optim.SGD(param_groups(self.bare_model, self.recipe.weight_decay), lr=0.0,
                                momentum=self.recipe.momentum)
 
-    def create_train_loader(self, path: str) -> TrainLoader:
-        return TrainLoader(path, self.recipe.batch_size, self.get_resolution(0),
-                           self.cfg.resources.cpus_per_worker, self.world, self.recipe.seed,
-                           self.device, max_steps=self.cfg.loader.max_steps_per_epoch)
+    def create_train_loader(self, reads: Reads) -> TrainLoader:
+        return TrainLoader(reads, self.recipe.batch_size, self.get_resolution(0),
+                           self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device)
 
-    def create_val_loader(self, path: str):
-        return val_loader(path, self.recipe.val_batch_size, self.recipe.val_res,
-                          self.cfg.resources.cpus_per_worker, self.world, self.rank, self.device)
+    def create_val_loader(self, reads: Reads):
+        return val_loader(reads, self.recipe.val_batch_size, self.recipe.val_res,
+                          self.cfg.resources.cpus_per_worker, self.device)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -148,7 +147,7 @@ class ImageNetTrainer:
         done = 0
         for step, (images, target) in enumerate(self.train_loader.epoch(epoch, res)):
             for group in self.optimizer.param_groups:
-                group["lr"] = lrs[step]
+                group["lr"] = float(lrs[step])   # a numpy float would not load with weights_only
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss = self.loss(self.model(self._channels_last(images)), target)
@@ -198,12 +197,7 @@ class ImageNetTrainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def rng_states(self) -> list[dict]:
         """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-        mine = checkpoint.rng_state()
-        if self.world > 1 and dist.is_initialized():
-            states: list = [None] * self.world
-            dist.all_gather_object(states, mine)
-            return states
-        return [mine]
+        return gather(checkpoint.rng_state(), self.world)
 
     def save(self, folder: str, epoch: int, metrics: dict, rng: list[dict]) -> None:
         """Everything needed to resume (weights, optimizer, scaler, epoch, RNG) and to serve."""
@@ -245,6 +239,15 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def gather(value, world: int) -> list:
+    """Every rank's value, in rank order (a collective)."""
+    if world > 1 and dist.is_initialized():
+        out: list = [None] * world
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
 def epoch_line(label: str, epoch: int, epochs: int, m: dict) -> str:
     return (f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.3f} "
             f"top1 {m['val_top1']:.3f} top5 {m['val_top5']:.3f} {m['images_per_s']:.0f} img/s "
@@ -260,7 +263,7 @@ def train_worker(config: dict) -> None:
 
     _quiet_ray_train_logs()
     from ..data.manifest import ShardManifest
-    from ..data.node_cache import local_split
+    from ..data.node_cache import NodeSplit, node_reads
     from ..tracking import RunLog
     from .run_events import RunEvents
 
@@ -273,10 +276,29 @@ def train_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_path = local_split(storage, cfg.data, manifest, "train", cfg.loader.cache_dir)
-    val_path = local_split(storage, cfg.data, manifest, "val", cfg.loader.cache_dir)
+    # Which node each rank runs on, and what each node's cache already holds: every rank then
+    # computes the same assignment, keeping shards where they are.
+    node = ray.get_runtime_context().get_node_id()
+    held = {split: NodeSplit(storage, cfg.data, manifest, split, cfg.loader.cache_dir).held()
+            for split in ("train", "val")}
+    everyone = gather((node, held), world)
+    rank_nodes = [n for n, _ in everyone]
+    # by node id: Ray's local rank goes by IP, which nodes sharing a machine also share
+    local_rank = rank_nodes[:rank].count(node)
+    data = config["data"]
+    reads = {}
+    for split in ("train", "val"):
+        reads[split], fetched = node_reads(
+            storage, cfg.data, manifest, split, data["placement"], rank_nodes, rank,
+            cfg.recipe.seed, cfg.loader.cache_dir, cfg.loader.read_mode,
+            data["node_memory"].get(node, 0), cfg.loader.memory_fraction,
+            cfg.loader.max_steps_per_epoch * cfg.recipe.batch_size if split == "train" else 0,
+            holdings={n: h[split] for n, h in everyone})
+        if local_rank == 0:   # what this node holds: for the summary and `bench data`
+            events.add("node_data", node=node, placement=data["placement"], world_size=world,
+                       **fetched)
     classes = [c.model_dump() for c in manifest.classes]
-    trainer = ImageNetTrainer(cfg, str(train_path), str(val_path), classes, rank, world, device)
+    trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device)
     trainer.lineage = config.get("lineage", {})
     label = config.get("label", "train")
     mlflow = None
@@ -305,10 +327,16 @@ def train_worker(config: dict) -> None:
         # wrapping up): say the final result again, so whoever waits for reports (Tune) gets it.
         ray.train.report(final_metrics)
         return
-    first_step = (lambda: events.add("first_step")) if rank == 0 else None
+    def first_step():
+        if rank == 0:
+            events.add("first_step")
+        if local_rank == 0:
+            events.add("node_first_step", node=node)
+
+    on_first = first_step
     for epoch in range(start_epoch, epochs):
-        train_stats = trainer.train_loop(epoch, on_first_step=first_step)
-        first_step = None
+        train_stats = trainer.train_loop(epoch, on_first_step=on_first)
+        on_first = None
         metrics = {"epoch": epoch + 1, **train_stats, **trainer.val_loop(),
                    "world_size": world, "resumed_from_epoch": resumed_from}
         last = epoch + 1 == epochs
