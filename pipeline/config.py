@@ -56,6 +56,9 @@ class StageConfig(Settings):
     max_image_pixels: int = WriterSettings.model_fields["max_image_pixels"]
     shard_size: int = Field(1024, ge=1, description="images per shard")
     workers: int = Field(0, ge=0, description="shards staged at once (0: the cluster's CPUs)")
+    replace: bool = Field(False, description="restage a dest that holds a dataset of other images "
+                                              "or settings (its manifest is removed first, so "
+                                              "nothing reads it half-replaced)")
 
     @property
     def writer(self) -> WriterSettings:
@@ -96,6 +99,19 @@ class Recipe(Settings):
 class LoaderSettings(Settings):
     """How each node caches its shards and how workers read them."""
 
+    placement: Literal["auto", "global", "node"] = Field(
+        "auto", description="global: every node holds every shard and each epoch is one shuffle "
+                            "of the whole split; node: each node holds ~1/N of each split (whole "
+                            "shards) and shuffles its own share; auto: global when the dataset "
+                            "fits in memory_fraction of every node's memory, else node")
+    read_mode: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: FFCV reads the node file through the page cache in fully "
+                            "random order (needs the node's share in RAM, else it thrashes); "
+                            "stream: FFCV's process cache reads whole pages in a shuffled order, "
+                            "samples shuffled within windows of 2048 (needs only a few pages per "
+                            "worker); auto: stream when the share is over memory_fraction of RAM")
+    memory_fraction: float = Field(0.5, gt=0, le=1, description="how much of a node's memory the "
+                                   "data may count on (for placement and read_mode auto)")
     cache_dir: str = Field("", description="node-local shard cache (default: $PIPELINE_CACHE_DIR, "
                                            "else a private folder of this user under /tmp)")
     max_steps_per_epoch: int = Field(0, ge=0, description="cap steps per epoch (0: no cap); "
@@ -148,6 +164,9 @@ class RunSettings(Settings):
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and the last)")
     init_from: str = Field("", description="fine-tune from a checkpoint URI or models:/NAME@ALIAS "
                                            "(the head is replaced when the class count differs)")
+    restart: bool = Field(False, description="discard what an earlier run (or sweep) of this name "
+                                             "left and start over; without it, a name used "
+                                             "again resumes only when data and recipe match")
 
 
 TRAIN_SECTIONS: dict[str, type[Settings]] = {

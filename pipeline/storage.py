@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 from .errors import UserError
 from .retry import retry
 
-MULTIPART_THRESHOLD = int(os.environ.get("PIPELINE_MULTIPART_THRESHOLD", 64 * 1024 * 1024))
 DEFAULT_OUTAGE_SECONDS = 180.0
 
 
@@ -69,10 +68,13 @@ class S3Settings:
     secret_key: str | None = field(default=None, repr=False)
     region: str | None = None
     outage_seconds: float = DEFAULT_OUTAGE_SECONDS
+    multipart_threshold: int = 64 * 1024 * 1024   # files above it are uploaded in parts
 
     def __getstate__(self):
         return {"endpoint_url": self.endpoint_url, "region": self.region,
-                "outage_seconds": self.outage_seconds, "access_key": None, "secret_key": None}
+                "outage_seconds": self.outage_seconds,
+                "multipart_threshold": self.multipart_threshold,
+                "access_key": None, "secret_key": None}
 
     def __setstate__(self, state):
         for key, value in state.items():
@@ -84,7 +86,8 @@ class S3Settings:
         return cls(
             endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
             region=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
-            outage_seconds=DEFAULT_OUTAGE_SECONDS if outage_seconds is None else outage_seconds)
+            outage_seconds=DEFAULT_OUTAGE_SECONDS if outage_seconds is None else outage_seconds,
+            multipart_threshold=int(env.get("PIPELINE_MULTIPART_THRESHOLD", 64 * 1024 * 1024)))
 
     def client(self):
         import boto3
@@ -125,7 +128,15 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def describe_s3_error(exc: Exception, uri: str, settings: S3Settings) -> str:
+def s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind a UserError that a failed call became."""
+    from botocore.exceptions import ClientError
+
+    cause = exc.__cause__
+    return str(cause.response.get("Error", {}).get("Code")) if isinstance(cause, ClientError) else None
+
+
+def describe_s3_error(exc: Exception, uri: str, settings: S3Settings, waited: float = 0) -> str:
     """Say in words what an S3 failure means and what to do; never include a key."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -135,9 +146,8 @@ def describe_s3_error(exc: Exception, uri: str, settings: S3Settings) -> str:
     exc = inner or exc
     where = settings.endpoint_url or "AWS S3"
     if is_transient(exc) and not isinstance(exc, ClientError):
-        return (f"{uri}: cannot reach the S3 endpoint {where} (waited "
-                f"{settings.outage_seconds:g} s): is the server running and AWS_ENDPOINT_URL "
-                "(or --s3-endpoint-url) right?")
+        return (f"{uri}: cannot reach the S3 endpoint {where} (waited {waited:.0f} s): is the "
+                "server running and AWS_ENDPOINT_URL (or --s3-endpoint-url) right?")
     if isinstance(exc, NoCredentialsError):
         return (f"{uri}: no S3 credentials here: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "where this runs (on a cluster: in the environment of its nodes, an instance "
@@ -159,8 +169,7 @@ def describe_s3_error(exc: Exception, uri: str, settings: S3Settings) -> str:
         if code in ("404", "NoSuchKey", "NotFound"):
             return f"{uri}: not found"
         if code in TRANSIENT_CODES:
-            return (f"{uri}: S3 at {where} kept answering {code} for "
-                    f"{settings.outage_seconds:g} s; try again later")
+            return f"{uri}: S3 at {where} kept answering {code} for {waited:.0f} s; try again later"
         return f"{uri}: S3 at {where} answered {code or 'an error'}"
     return f"{uri}: {exc}"
 
@@ -182,8 +191,9 @@ class Storage:
             self._client = self.s3.client()
         return self._client
 
-    def _s3_call(self, uri, fn, *args, **kwargs):
-        """fn(*args), riding out an outage of the endpoint; any failure becomes a UserError."""
+    def _s3_call(self, uri, fn, *args, outage: float | None = None, **kwargs):
+        """fn(*args), riding out an outage of the endpoint (for `outage` seconds, default the
+        settings' outage_seconds); any failure becomes a UserError."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -196,20 +206,24 @@ class Storage:
                       f"({type(exc).__name__}); retrying for up to {self.s3.outage_seconds:g} s",
                       file=sys.stderr, flush=True)
 
+        wait = self.s3.outage_seconds if outage is None else outage
         try:
-            return retry(lambda: fn(*args, **kwargs), timeout=self.s3.outage_seconds,
-                         transient=is_transient, on_retry=say_once)
+            return retry(lambda: fn(*args, **kwargs), timeout=wait, transient=is_transient,
+                         on_retry=say_once)
         except (ClientError, BotoCoreError, Boto3Error) as exc:
-            raise UserError(describe_s3_error(exc, uri, self.s3)) from exc
+            raise UserError(describe_s3_error(exc, uri, self.s3, wait)) from exc
 
     # -- checks -------------------------------------------------------------------------------
     def check_bucket(self, uri: str) -> None:
         """Fail early, in words, on a wrong endpoint, wrong keys or a missing bucket. A listing is
-        used rather than HEAD because only a request with a body tells why it failed."""
+        used rather than HEAD because only a request with a body tells why it failed. An endpoint
+        that does not answer at the start is more likely a wrong address than an outage: this
+        waits 15 s at most."""
         if not is_s3(uri):
             return
         bucket, prefix = split_s3(uri)
-        self._s3_call(uri, self.client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        self._s3_call(uri, self.client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1,
+                      outage=min(15.0, self.s3.outage_seconds))
 
     # -- reading ------------------------------------------------------------------------------
     def size(self, uri: str) -> int | None:
@@ -219,20 +233,17 @@ class Storage:
                 return os.stat(uri).st_size
             except FileNotFoundError:
                 return None
-        from botocore.exceptions import ClientError
+        head = self._head(uri)
+        return None if head is None else head["ContentLength"]
 
+    def _head(self, uri: str) -> dict | None:
         bucket, key = split_s3(uri)
         try:
-            return self._s3_call(uri, self._head, bucket, key)
+            return self._s3_call(uri, self.client.head_object, Bucket=bucket, Key=key)
         except UserError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ClientError) and str(cause.response.get("Error", {}).get(
-                    "Code")) in ("404", "NoSuchKey", "NotFound"):
+            if s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
-
-    def _head(self, bucket, key):
-        return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
 
     def exists(self, uri: str) -> bool:
         return self.size(uri) is not None
@@ -327,12 +338,12 @@ class Storage:
             raise
 
     # -- writing ------------------------------------------------------------------------------
-    @staticmethod
-    def _transfer_config():
+    def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
 
-        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
-                              multipart_chunksize=max(MULTIPART_THRESHOLD // 2, 5 * 1024 * 1024))
+        threshold = self.s3.multipart_threshold
+        return TransferConfig(multipart_threshold=threshold,
+                              multipart_chunksize=max(threshold // 2, 5 * 1024 * 1024))
 
     def upload_file(self, local_path: str | Path, uri: str) -> None:
         """Put a local file at uri; multipart above MULTIPART_THRESHOLD bytes."""
@@ -361,6 +372,60 @@ class Storage:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    # -- conditional writes (leases) -------------------------------------------------------------
+    def version(self, uri: str) -> str | None:
+        """What changes whenever the file is written (ETag on S3); None when it does not exist."""
+        if not is_s3(uri):
+            try:
+                st = os.stat(uri)
+            except FileNotFoundError:
+                return None
+            return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+        head = self._head(uri)
+        return None if head is None else head["ETag"]
+
+    def write_if(self, uri: str, data: bytes, version: str | None) -> bool:
+        """Write only if the file is still at `version` (None: does not exist yet); False when
+        someone else wrote it first. S3 conditional writes (If-None-Match / If-Match); a lock
+        file locally."""
+        if not is_s3(uri):
+            import fcntl
+
+            folder = Path(uri).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)   # lock the folder: no lock file left behind
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if self.version(uri) != version:
+                    return False
+                self.write_bytes(uri, data)
+                return True
+            finally:
+                os.close(fd)
+        bucket, key = split_s3(uri)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            self._s3_call(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data,
+                                                              **condition))
+        except UserError as exc:
+            if s3_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def abort_uploads(self, uri: str) -> int:
+        """Abort the unfinished multipart uploads under an S3 prefix (left by a killed run)."""
+        if not is_s3(uri):
+            return 0
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        found = self._s3_call(uri, self.client.list_multipart_uploads, Bucket=bucket,
+                              Prefix=prefix).get("Uploads", [])
+        for up in found:
+            self._s3_call(uri, self.client.abort_multipart_upload, Bucket=bucket, Key=up["Key"],
+                          UploadId=up["UploadId"])
+        return len(found)
 
     def delete(self, uri: str) -> None:
         if is_s3(uri):
@@ -453,3 +518,99 @@ class RangeReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Lease:
+    """An object that says who is writing under a prefix, until when; renewed while the work
+    goes on, removed at the end. Taken with a conditional write, so of two runs starting at
+    once exactly one gets it; a lease whose holder died expires after `ttl` seconds."""
+
+    def __init__(self, storage: Storage, uri: str, what: str, ttl: float = 60.0):
+        import getpass
+        import socket
+        import uuid
+
+        self.storage, self.uri, self.what, self.ttl = storage, uri, what, ttl
+        self.host = socket.gethostname()
+        self.owner = f"{getpass.getuser()}@{self.host} pid {os.getpid()}"
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self._stop = None
+
+    def _body(self) -> bytes:
+        import json
+        import time
+
+        now = time.time()
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(),
+                           "token": self.token, "what": self.what,
+                           "renewed": now, "expires": now + self.ttl}).encode()
+
+    def _current(self) -> tuple[dict | None, str | None]:
+        import json
+
+        version = self.storage.version(self.uri)
+        if version is None:
+            return None, None
+        try:
+            return json.loads(self.storage.read_bytes(self.uri)), version
+        except (ValueError, UserError):
+            return {}, version
+
+    def acquire(self) -> "Lease":
+        import threading
+        import time
+
+        for _ in range(3):
+            held, version = self._current()
+            if held and held.get("expires", 0) > time.time() and not self._holder_gone(held):
+                when = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
+                raise UserError(f"{self.uri.rsplit('/', 1)[0]} is being written by another run "
+                                f"({held.get('what')}, {held.get('owner')}), whose lease runs until "
+                                f"{when} and is renewed while it works; wait for it to finish "
+                                f"(or, if that run is gone, until the lease expires)")
+            if self.storage.write_if(self.uri, self._body(), version):
+                self.version = self.storage.version(self.uri)
+                break
+        else:
+            raise UserError(f"{self.uri}: another run keeps taking the lease; try again later")
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, daemon=True).start()
+        return self
+
+    def _holder_gone(self, held: dict) -> bool:
+        """A holder on this machine whose process is gone (killed): no need to wait it out."""
+        if held.get("host") != self.host or not held.get("pid"):
+            return False
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self.storage.write_if(self.uri, self._body(), self.version):
+                    self.version = self.storage.version(self.uri)
+            except Exception:   # noqa: BLE001 - an outage: the next renewal tries again
+                pass
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        held, _ = self._current()
+        if held and held.get("token") == self.token:
+            self.storage.delete(self.uri)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        try:
+            self.release()
+        except UserError:
+            pass   # the lease expires by itself
+        return False

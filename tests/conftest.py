@@ -34,9 +34,22 @@ def s3_storage(s3) -> Storage:
     return Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key, "us-east-1"))
 
 
-def start_cluster(trainer_nodes: int, slots: int = 1):
+class NodeCaches:
+    """One node-cache folder per node of a test cluster, as separate machines would have."""
+
+    def __init__(self, root):
+        self.root, self.count = root, 0
+
+    def new(self) -> dict[str, str]:
+        self.count += 1
+        return {"PIPELINE_CACHE_DIR": str(self.root / f"node-{self.count}")}
+
+
+def start_cluster(trainer_nodes: int, s3_env: dict, caches: NodeCaches, slots: int = 1):
     """A head (1 CPU, where Ray Train's controller lands) and worker nodes with `slots` CPUs and
-    `trainer` resources each, all on this machine (ray.cluster_utils.Cluster)."""
+    `trainer` resources each, all on this machine (ray.cluster_utils.Cluster). Like the nodes of
+    a real cluster, each has S3 credentials in its own environment (nothing ships keys to them)
+    and a cache folder of its own."""
     from ray.cluster_utils import Cluster
 
     from pipeline.ops.local_services import free_ports
@@ -44,17 +57,28 @@ def start_cluster(trainer_nodes: int, slots: int = 1):
     # Own dashboard port: several clusters may be up at once, and Ray Train's controller needs
     # the State API that the dashboard serves.
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0]})
+                      head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0],
+                                      "env_vars": {**s3_env, **caches.new()}})
+    cluster.node_env = lambda: {**s3_env, **caches.new()}
     for _ in range(trainer_nodes):
-        cluster.add_node(num_cpus=slots, resources={"trainer": slots})
+        add_trainer_node(cluster, slots)
     cluster.wait_for_nodes()
     return cluster
 
 
+def add_trainer_node(cluster, slots: int = 1):
+    return cluster.add_node(num_cpus=slots, resources={"trainer": slots}, env_vars=cluster.node_env())
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def node_caches(tmp_path_factory) -> NodeCaches:
+    return NodeCaches(tmp_path_factory.mktemp("node-caches"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3, node_caches):
     """A 3-node cluster shared by the tests that do not change its shape."""
-    cluster = start_cluster(2)
+    cluster = start_cluster(2, s3.env(), node_caches)
     try:
         yield cluster
     finally:
@@ -69,7 +93,7 @@ def train_data(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("train-data")
     generate(str(root / "src"), "folders", classes=4, train_per_class=150, val_per_class=10, seed=3)
     run_cli("stage", "--source", root / "src", "--dest", root / "staged", "--max-resolution", 64,
-            "--shard-size", 200, env={"RAY_ADDRESS": ray_cluster.address})
+            "--shard-size", 50, env={"RAY_ADDRESS": ray_cluster.address})
     return str(root / "staged")
 
 
@@ -109,45 +133,49 @@ def local_tracking_store(tmp_path_factory):
 
 
 @pytest.fixture
-def ray_head(tmp_path_factory):
+def ray_head(s3):
     """A Ray head started the way users start one (`ray start --head`): own ports, own temp dir,
-    the venv first on PATH (jobs run with the head's environment); token auth as Ray 2.60 sets
-    it up. Stopped by its PID."""
+    the venv first on PATH (jobs run with the head's environment), S3 credentials in the
+    environment it starts with (as infra/local does; nothing ships keys to it), and token auth
+    as Ray 2.60 sets it up when a token exists. Stopped by its PID."""
     import os
     import subprocess
     import sys
     import tempfile
-    import time
+    import types
+    import urllib.error
+    import urllib.request
 
-    from pipeline.ops.local_services import free_ports, stop_pid, wait_http
+    from helpers import wait_for
+
+    from pipeline.ops.local_services import free_ports, stop_pid
 
     gcs, dash, agent, client = free_ports(4)
     temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")   # short: Ray's socket paths are limited
     bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **s3.env())
     env.pop("RAY_ADDRESS", None)
+    # a head started while a token exists requires it from every client, as on a real cluster
+    subprocess.run([os.path.join(bin_dir, "ray"), "get-auth-token", "--generate"], env=env,
+                   capture_output=True, check=True, timeout=120)
     proc = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
          f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    def answers() -> bool:   # the dashboard answers 401 without the token once it is up
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 90
-        while True:   # the dashboard answers 401 without the token once it is up
-            try:
-                wait_http(f"http://127.0.0.1:{dash}/api/version", 2, proc)
-                break
-            except TimeoutError:
-                import urllib.error
-                import urllib.request
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                except urllib.error.HTTPError:
-                    break
-                except OSError:
-                    pass
-            assert time.monotonic() < deadline, "ray head did not start"
-        yield f"http://127.0.0.1:{dash}"
+        wait_for(answers, "the Ray head's dashboard", 90, proc)
+        yield types.SimpleNamespace(address=f"http://127.0.0.1:{dash}", temp=temp)
     finally:
         stop_pid(proc.pid, timeout=60)

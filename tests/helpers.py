@@ -4,8 +4,10 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,31 @@ def run_cli(*args, env: dict | None = None, timeout: float = 600, check: bool = 
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+                             f"{log_tail(proc.stdout)}")
     return proc
+
+
+def log_tail(stdout: str, chars: int = 6000) -> str:
+    """The end of the log file a quiet command wrote (its path is in its first line)."""
+    m = re.search(r"output goes to (\S+\.log)", stdout)
+    if not m or not os.path.exists(m.group(1)):
+        return ""
+    return f"\nlog {m.group(1)}:\n{Path(m.group(1)).read_text()[-chars:]}"
+
+
+def wait_for(check, what: str, timeout: float = 300, proc=None):
+    """Poll check() until it is true; fail naming `what` after `timeout` s, or at once when the
+    process that should make it true has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None:
+            assert proc.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
 
 
 def last_json(stdout: str) -> dict:
@@ -66,3 +91,37 @@ def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes whose PNG header claims width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height pixels."""
+    import struct
+
+    from pipeline.data.sample_data import jpeg_bytes
+
+    data = bytearray(jpeg_bytes(np.zeros((16, 16, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def grey16_png(value: int = 32896, size=(40, 60)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full(size, value, np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()

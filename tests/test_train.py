@@ -1,4 +1,5 @@
-"""`pipeline train`: Ray Train V2 on multi-node clusters on this machine, and its fault tolerance."""
+"""`pipeline train`: Ray Train V2 on multi-node clusters on this machine, its fault tolerance, each
+node's share of the data, and faults outside the training loop."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_cluster
-from helpers import PIPELINE, last_json, run_cli
+from conftest import add_trainer_node, start_cluster
+from helpers import PIPELINE, last_json, mlflow_client, run_cli, wait_for
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -22,10 +23,11 @@ TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 
         "--worker-resources", "trainer=1", "--json"]
 
 
-def train_args(data, tmp_path, name, epochs=3, workers="2", extra=()):
+def train_args(data, tmp_path, name, epochs=3, workers="2", extra=(), cache=True):
+    """With cache=False each node uses its own cache folder (PIPELINE_CACHE_DIR of its node)."""
     return ["train", "--data", data, "--storage", tmp_path / "runs", "--name", name,
-            "--cache-dir", tmp_path / "cache", "--epochs", epochs, "--num-workers", workers,
-            *TINY, *extra]
+            *(["--cache-dir", tmp_path / "cache"] if cache else []), "--epochs", epochs,
+            "--num-workers", workers, *TINY, *extra]
 
 
 def _registered(run_dir: Path, epoch: int) -> bool:
@@ -38,19 +40,31 @@ def _registered(run_dir: Path, epoch: int) -> bool:
 
 
 def wait_for_checkpoint(run_dir: Path, epoch: int, proc=None, timeout=300) -> None:
-    deadline = time.monotonic() + timeout
-    while not _registered(run_dir, epoch):
-        if proc is not None:
-            assert proc.poll() is None, "training ended before the fault could be injected"
-        assert time.monotonic() < deadline, f"no checkpoint for epoch {epoch} in {run_dir}"
-        time.sleep(0.2)
+    wait_for(lambda: _registered(run_dir, epoch), f"the checkpoint of epoch {epoch} in {run_dir}",
+             timeout, proc)
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
+    return sorted(found, key=lambda e: e["time"])
+
+
+def manifest_of(data: str) -> dict:
+    return json.loads((Path(data) / "manifest.json").read_text())
+
+
+def share_bound(data: str, split: str, nodes: int) -> int:
+    """Goal of the per-node placement: at most D/N plus one shard."""
+    shards = manifest_of(data)["splits"][split]["shards"]
+    return sum(s["bytes"] for s in shards) / nodes + max(s["bytes"] for s in shards)
 
 
 def test_worker_exception_restarts_from_last_checkpoint(train_data, ray_cluster, tmp_path):
-    """Two workers learn the sample classes; a worker raising in epoch 2 costs one restart from
-    the epoch-1 checkpoint."""
+    """Two workers on two nodes, each node holding only its share, learn the sample classes; a
+    worker raising in epoch 2 costs one restart from the epoch-1 checkpoint."""
     marker = tmp_path / "fault-fired"
-    out = last_json(run_cli(*train_args(train_data, tmp_path, "exc", epochs=4),
+    out = last_json(run_cli(*train_args(train_data, tmp_path, "exc", epochs=4, cache=False,
+                                        extra=["--placement", "node"]),
                             env={"RAY_ADDRESS": ray_cluster.address,
                                  "PIPELINE_INJECT_FAULT": f"1:5:{marker}"}).stdout)
     assert marker.exists()
@@ -67,7 +81,15 @@ def test_worker_exception_restarts_from_last_checkpoint(train_data, ray_cluster,
     assert [r["cause"] for r in out["recoveries"]] == ["worker failure"]
     assert "injected fault" in out["recoveries"][0]["error"]
     assert out["recoveries"][0]["seconds"] > 0
-    print("recoveries:", json.dumps(out["recoveries"]))
+    # each node holds its share of each split, no more; together they hold all of it
+    data = out["node_data"]
+    assert len({d["node"] for d in data}) == 2
+    for split in ("train", "val"):
+        held = [d for d in data if d["split"] == split]
+        assert all(d["share_bytes"] <= share_bound(train_data, split, 2) for d in held), held
+        assert sum(d["shards"] for d in held) == len(manifest_of(train_data)["splits"][split]["shards"])
+        assert all(d["placement"] == "node" for d in held)
+    print("recoveries:", json.dumps(out["recoveries"]), "node data:", json.dumps(data))
 
 
 def _train_workers() -> list[int]:
@@ -79,11 +101,10 @@ def test_worker_killed_with_sigkill_mid_epoch(train_data, ray_cluster, tmp_path)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
     proc = subprocess.Popen([PIPELINE, *map(str, train_args(train_data, tmp_path, "kill9", epochs=4))],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    wait_for_checkpoint(tmp_path / "runs" / "kill9", 1, proc)
-    time.sleep(1.5)   # into epoch 2
-    victims = _train_workers()
-    assert len(victims) == 2
-    os.kill(victims[0], signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "kill9"
+    wait_for_checkpoint(run_dir, 1, proc)
+    wait_for(lambda: len(_train_workers()) == 2, "two training workers", 60, proc)
+    os.kill(_train_workers()[0], signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-3000:]
     out = last_json(stdout)
@@ -107,84 +128,185 @@ def test_driver_killed_then_rerun_with_same_name_resumes(train_data, ray_cluster
     assert "driver restarted" in [r["cause"] for r in out["recoveries"]]
     print("recoveries:", json.dumps(out["recoveries"]))
 
+    # The same name with another recipe or other data is not this run: refused, not resumed
+    # (nor handed back as if it were the new one).
+    env = {"RAY_ADDRESS": ray_cluster.address}
+    other = _train_error(*map(str, train_args(train_data, tmp_path, "driver", epochs=4,
+                                              extra=["--lr", 0.2])[1:]), env=env)
+    assert "run driver" in other and "lr 0.4 -> 0.2" in other and "--restart" in other
+    copy = tmp_path / "copy-of-data"
+    shutil.copytree(train_data, copy)
+    other = _train_error(*map(str, train_args(str(copy), tmp_path, "driver", epochs=4)[1:]), env=env)
+    assert "data" in other and "copy-of-data" in other
 
-def train_while(cluster, args, run_dir: Path, change) -> dict:
-    """Train on `cluster` in a subprocess; once epoch 1 is checkpointed, `change(cluster)`;
-    return the run's JSON summary. The cluster is changed from this (main) thread: Ray's
-    cluster utilities hang when driven from a side thread."""
+
+def train_while(cluster, args, run_dir: Path, change, until=None) -> dict | None:
+    """Train on `cluster` in a subprocess; once epoch 1 is checkpointed, `change(cluster)`.
+    Without `until`, wait for the run to end and return its JSON summary; with it, wait for
+    until() and stop the run. The cluster is changed from this (main) thread: Ray's cluster
+    utilities hang when driven from a side thread."""
     env = dict(os.environ, RAY_ADDRESS=cluster.address)
     proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    wait_for_checkpoint(run_dir, 1, proc)
-    change(cluster)
-    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    try:
+        wait_for_checkpoint(run_dir, 1, proc)
+        change(cluster)
+        if until is not None:
+            wait_for(until, "the event the test waits for", 400, proc)
+            return None
+        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     reader.join(timeout=10)
     return last_json("".join(lines))
 
 
-def test_node_removed_and_replaced_mid_training(train_data, tmp_path):
-    """Rank 0's node may be the one removed: the run resumes from its checkpoint on the new node."""
+def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp_path):
+    """Rank 0's node may be the one removed: the run resumes from its checkpoint on the new node,
+    the node that stayed keeps its shards, and the replacement fetches only its share."""
     def replace_a_node(cluster):
         cluster.remove_node(list(cluster.worker_nodes)[0], allow_graceful=False)
-        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+        add_trainer_node(cluster)
 
-    cluster = start_cluster(2)
+    cluster = start_cluster(2, s3.env(), node_caches)
     try:
-        out = train_while(cluster, train_args(train_data, tmp_path, "node", epochs=4),
+        out = train_while(cluster, train_args(train_data, tmp_path, "node", epochs=4, cache=False,
+                                              extra=["--placement", "node"]),
                           tmp_path / "runs" / "node", replace_a_node)
     finally:
         cluster.shutdown()
     assert out["epochs_completed"] == 4 and out["restarts"] >= 1
     assert out["resumed_from_epoch"] >= 1
     assert out["recoveries"][0]["seconds"] > 0
+    records = events(tmp_path / "runs" / "node", "node_data")
+    first = {r["node"] for r in records[:4]}
+    assert len(first) == 2
+    for split in ("train", "val"):
+        later = [r for r in records[4:] if r["split"] == split]
+        stayed = [r for r in later if r["node"] in first]
+        new = [r for r in later if r["node"] not in first]
+        assert new and stayed, records
+        assert all(r["shards_fetched"] == 0 for r in stayed)            # kept what it had
+        bound = share_bound(train_data, split, 2)
+        assert all(0 < r["bytes_downloaded"] <= bound for r in new)     # only its share
     print("recoveries:", json.dumps(out["recoveries"]))
 
 
-def test_elastic_training_grows_when_a_node_joins(train_data, tmp_path):
-    cluster = start_cluster(1)
+def test_elastic_training_grows_when_a_node_joins(train_data, s3, node_caches, tmp_path):
+    """Starts with one worker, grows to two when a node joins; the data re-balances: the first
+    node keeps what it has, the new one fetches only its share. The test waits for the events it
+    asserts (the restart at world size 2 and its first step), then stops the run."""
+    run_dir = tmp_path / "runs" / "elastic"
+
+    def grown():
+        starts = events(run_dir, "start")
+        if not starts or starts[-1]["world_size"] != 2:
+            return False
+        return any(e["time"] > starts[-1]["time"] for e in events(run_dir, "first_step"))
+
+    cluster = start_cluster(1, s3.env(), node_caches)
     try:
-        args = train_args(train_data, tmp_path, "elastic", epochs=5, workers="1-2",
-                          extra=["--elastic-resize-seconds", 3])
-        out = train_while(cluster, args, tmp_path / "runs" / "elastic",
-                          lambda c: c.add_node(num_cpus=1, resources={"trainer": 1}))
+        args = train_args(train_data, tmp_path, "elastic", epochs=50, workers="1-2", cache=False,
+                          extra=["--elastic-resize-seconds", 3, "--placement", "node"])
+        train_while(cluster, args, run_dir, add_trainer_node, until=grown)
     finally:
         cluster.shutdown()
-    assert out["world_sizes"][0] == 1 and out["world_sizes"][-1] == 2, out
-    assert out["epochs_completed"] == 5
+    sizes = [e["world_size"] for e in events(run_dir, "start")]
+    assert sizes[0] == 1 and sizes[-1] == 2, sizes
+    records = [r for r in events(run_dir, "node_data") if r["split"] == "train"]
+    first_node = records[0]["node"]
+    after = [r for r in records if r["world_size"] == 2]
+    assert {r["node"] for r in after} >= {first_node} and len({r["node"] for r in after}) == 2
+    for r in after:
+        if r["node"] == first_node:
+            assert r["shards_fetched"] == 0 and r["shards"] < records[0]["shards"]
+        else:
+            assert 0 < r["bytes_downloaded"] <= share_bound(train_data, "train", 2)
 
 
 def _train_error(*args, env=None):
     proc = run_cli("train", *args, env=env, check=False, timeout=300)
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert "Traceback" not in proc.stderr
-    return proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 def test_clear_errors(train_data, ray_cluster, tmp_path):
     env = {"RAY_ADDRESS": ray_cluster.address}
     (tmp_path / "nothing").mkdir()
     assert "manifest.json is missing" in _train_error("--data", tmp_path / "nothing", env=env)
-    assert "invalid choice: 'resnet99'" in _train_error("--data", train_data, "--arch", "resnet99")
+    proc = run_cli("train", "--data", train_data, "--arch", "resnet99", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'resnet99'" in proc.stderr
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("arch: resnet99\nepochs: 2\n")
     msg = _train_error("--config", cfg, "--data", train_data, env=env)
     assert "arch" in msg and "resnet99" in msg
     msg = _train_error("--data", train_data, "--num-workers", 5, "--worker-resources", "trainer=1",
-                       "--storage", tmp_path / "runs", env=env)
+                       "--batch-size", 16, "--storage", tmp_path / "runs", env=env)
     assert "can hold 2 such workers" in msg
+
+    # Errors that can never succeed are not retried, even with unlimited restarts.
+    msg = _train_error(*map(str, train_args(train_data, tmp_path, "huge", extra=[
+        "--batch-size", 4096, "--max-failures", -1])[1:]), env=env)
+    assert "--batch-size 4096" in msg and "fewer than one batch" in msg
+    assert not (tmp_path / "runs" / "huge").exists()   # refused before anything started
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(train_data, corrupt)
     manifest = json.loads((corrupt / "manifest.json").read_text())
     shard = corrupt / manifest["splits"]["train"]["shards"][0]["path"]
     data = bytearray(shard.read_bytes())
-    data[-100] ^= 0xFF
+    data[-100] ^= 0xFF   # same size: only the sha256, checked as a node fetches it, can tell
     shard.write_bytes(bytes(data))
-    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "corrupt")[1:]), env=env)
+    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "corrupt",
+                                            extra=["--max-failures", -1])[1:]), env=env)
     assert "does not match the manifest" in msg and "re-run `pipeline stage`" in msg
+    assert len(events(tmp_path / "runs" / "corrupt", "failure")) == 1   # not retried
+
+    (corrupt / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
+    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "gone")[1:]), env=env)
+    assert "is missing" in msg and "val/shard-00000.beton" in msg
+
+
+def test_mlflow_outage_mid_training_costs_no_restart(train_data, ray_cluster, tmp_path):
+    """The tracking server goes away after epoch 1 and comes back two epochs later on the same
+    port: training goes on, and every epoch's metrics reach MLflow."""
+    from pipeline.ops.local_services import free_ports, start_mlflow
+
+    port = free_ports(1)[0]
+    server = start_mlflow(tmp_path / "mlflow", port=port)
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, MLFLOW_TRACKING_URI=server.uri)
+    args = train_args(train_data, tmp_path, "outage", epochs=5, extra=["--experiment", "outage"])
+    proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    run_dir = tmp_path / "runs" / "outage"
+    try:
+        wait_for_checkpoint(run_dir, 1, proc)
+        server.stop()
+        wait_for_checkpoint(run_dir, 3, proc)
+        server = start_mlflow(tmp_path / "mlflow", port=port)
+        stdout, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-3000:]
+        out = last_json(stdout)
+        assert out["restarts"] == 0 and out["epochs_completed"] == 5
+        assert stdout.count("[mlflow] warning") == 1   # said once, in one line
+        client = mlflow_client(server.uri)
+        run = client.get_run(out["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        assert sorted(steps) == [1, 2, 3, 4, 5]
+        assert not list((run_dir / "mlflow-outbox").glob("*.json"))   # all sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
 
 
 def test_loader_sees_every_sample_once_per_epoch_across_workers(tmp_path):

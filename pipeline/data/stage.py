@@ -9,9 +9,9 @@ from ..config import StageConfig
 from ..errors import UserError
 from ..progress import Progress
 from ..ray_connect import connect
-from ..storage import Storage, absolute, join
+from ..storage import Lease, Storage, absolute, join
 from .manifest import MANIFEST, ClassInfo, ShardInfo, ShardManifest, SplitInfo, read_manifest
-from .shards import plan_digest, plan_shards, stage_shard
+from .shards import PARTS, plan_digest, plan_shards, stage_shard
 from .source import discover
 
 
@@ -48,32 +48,49 @@ def _stage_shard_task(*args):
     return stage_shard(*args), ray.get_runtime_context().get_node_id()
 
 
-def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | None = None,
-          progress: bool = True) -> StageResult:
-    """Make cfg.dest hold the staged dataset of cfg.source; only missing or corrupt shards are
-    written, and manifest.json comes last."""
-    import ray
+LEASE = ".lease.json"
 
+
+def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | None = None,
+          progress: bool = True, say=print) -> StageResult:
+    """Make cfg.dest hold the staged dataset of cfg.source; only missing or corrupt shards are
+    written, and manifest.json comes last. One stage at a time per destination (a lease)."""
     if not cfg.source or not cfg.dest:
         raise UserError("--source and --dest are required")
     source_uri, dest_uri = absolute(cfg.source), absolute(cfg.dest)
-    layout = None if cfg.layout == "auto" else cfg.layout
-    writer, shard_size = cfg.writer, cfg.shard_size
-    storage = storage or Storage()
-    storage.check_bucket(dest_uri)
     if source_uri.rstrip("/") == dest_uri.rstrip("/"):
         raise UserError("--dest must differ from --source")
+    storage = storage or Storage()
+    storage.check_bucket(dest_uri)
+    with Lease(storage, join(dest_uri, LEASE), f"pipeline stage from {source_uri}"):
+        aborted = storage.abort_uploads(dest_uri)
+        if aborted:
+            say(f"[stage] aborted {aborted} unfinished upload(s) an interrupted run left in {dest_uri}")
+        return _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say)
+
+
+def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say) -> StageResult:
+    import ray
 
     started = time.monotonic()
+    layout = None if cfg.layout == "auto" else cfg.layout
+    writer = cfg.writer
     source = discover(storage, source_uri, layout, cfg.splits,
                       parallel_map=functools.partial(_ray_map, ray_address=ray_address))
-    plans = plan_shards(source, writer, shard_size)
+    plans = plan_shards(source, writer, cfg.shard_size)
     digest = plan_digest(plans, source.classes)
-    if storage.exists(join(dest_uri, MANIFEST)):
+    manifest_uri = join(dest_uri, MANIFEST)
+    replaced = False
+    if storage.exists(manifest_uri):
         old = read_manifest(storage, dest_uri)
         if old.plan != digest:
-            raise UserError(f"{dest_uri} already holds a dataset staged from {old.source.get('uri')} "
-                            "with other images or settings; stage into a new --dest (or delete it)")
+            if not cfg.replace:
+                raise UserError(f"{dest_uri} already holds a dataset staged from "
+                                f"{old.source.get('uri')} with other images or settings; stage "
+                                "into a new --dest, or pass --replace to stage this one again")
+            say(f"[stage] {dest_uri} holds a dataset of other images or settings: staging it again")
+            storage.delete(manifest_uri)   # from here on the dest is not a staged dataset
+            replaced = True
 
     connect(ray_address)
     task = ray.remote(num_cpus=1, max_retries=3)(_stage_shard_task)
@@ -111,16 +128,24 @@ def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | N
             ray.cancel(ref, force=True)
     result.seconds = time.monotonic() - started
 
-    manifest = build_manifest(source, plans, results, writer, digest)
+    manifest = build_manifest(source, plans, results, writer, digest, cfg.shard_size)
     text = manifest.to_json().encode()
-    uri = join(dest_uri, MANIFEST)
-    if not storage.exists(uri) or storage.read_bytes(uri) != text:
-        storage.write_bytes(uri, text)   # last: only now is the dataset staged
+    if not storage.exists(manifest_uri) or storage.read_bytes(manifest_uri) != text:
+        storage.write_bytes(manifest_uri, text)   # last: only now is the dataset staged
+    if replaced:
+        _remove_leftovers(storage, dest_uri, {p.path for p in plans} | {p.record_path for p in plans})
     result.manifest = manifest
     return result
 
 
-def build_manifest(source, plans, records, writer, digest) -> ShardManifest:
+def _remove_leftovers(storage: Storage, dest_uri: str, keep: set[str]) -> None:
+    """Shards (and their records) of the dataset that was replaced and that the new one lacks."""
+    for rel, _ in list(storage.list(dest_uri)):
+        if rel.startswith(("train/", "val/", PARTS + "/")) and rel not in keep:
+            storage.delete(join(dest_uri, rel))
+
+
+def build_manifest(source, plans, records, writer, digest, shard_size) -> ShardManifest:
     splits: dict[str, SplitInfo] = {}
     skipped = list(source.skipped)
     for p in plans:
@@ -135,5 +160,6 @@ def build_manifest(source, plans, records, writer, digest) -> ShardManifest:
         classes=[ClassInfo(index=i, wnid=w, name=source.names.get(w, ""))
                  for i, w in enumerate(source.classes)],
         splits=splits, writer=writer,
-        source={"uri": source.uri, "layout": source.layout},
+        source={"uri": source.uri, "layout": source.layout, "listing_sha256": source.listing,
+                "shard_size": shard_size},
         skipped=sorted(skipped, key=lambda s: s["path"]), plan=digest)

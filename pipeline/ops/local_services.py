@@ -44,18 +44,22 @@ def free_ports(n: int, grpc_offset: int | None = None) -> list[int]:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} while starting")
+    """Until url answers 200; refused at once when the process that should serve it exits."""
+    from ..retry import wait_until
+
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+            return False
+
+    def exited():
+        if proc is not None and proc.poll() is not None:
+            return f"{proc.args[0]} exited with code {proc.returncode} while starting"
+        return None
+
+    wait_until(answers, timeout=timeout, what=f"{url} answering", give_up=exited)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -122,18 +126,26 @@ class S3Server:
     secret_key: str = field(repr=False)
     data_dir: str
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    ports: tuple[int, ...] = ()
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if sig == signal.SIGKILL:
+            _signal(self.pid, signal.SIGKILL)
         stop_pid(self.pid)
+
+    def restart(self) -> "S3Server":
+        """The same server again (same folder, keys and ports), after stop()."""
+        return start_seaweedfs(self.data_dir, self.access_key, self.secret_key, ports=self.ports)
 
 
 def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
                     secret_key: str | None = None, s3_port: int | None = None,
-                    buckets: tuple[str, ...] = (), timeout: float = 60) -> S3Server:
+                    buckets: tuple[str, ...] = (), timeout: float = 60,
+                    ports: tuple[int, ...] = ()) -> S3Server:
     """Start `weed mini` with an S3 identities file, so requests with wrong keys are refused."""
     data_dir = Path(data_dir).resolve()
     (data_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -145,7 +157,8 @@ def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
     write_private(config, json.dumps({"identities": [{
         "name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    master, volume, filer, s3, admin = free_ports(5, grpc_offset=10000)
+    ports = ports or tuple(free_ports(5, grpc_offset=10000))
+    master, volume, filer, s3, admin = ports
     s3 = s3_port or s3
     cmd = [weed_binary(), f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
@@ -155,11 +168,12 @@ def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
     log = open(data_dir / "weed.out", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    server = S3Server(proc.pid, f"http://127.0.0.1:{s3}", access_key, secret_key, str(data_dir), proc)
+    server = S3Server(proc.pid, f"http://127.0.0.1:{s3}", access_key, secret_key, str(data_dir), proc,
+                      (master, volume, filer, s3, admin))
     try:
         wait_http(f"{server.endpoint}/healthz", timeout, proc)
         if buckets:
-            from .storage import S3Settings
+            from ..storage import S3Settings
 
             client = S3Settings(server.endpoint, access_key, secret_key, "us-east-1").client()
             for b in buckets:
@@ -172,17 +186,15 @@ def start_seaweedfs(data_dir: str | Path, access_key: str | None = None,
 
 def create_bucket(client, bucket: str, timeout: float = 30) -> None:
     """Right after start the filer may not be ready for writes yet: retry briefly."""
-    deadline = time.monotonic() + timeout
-    while True:
+    from ..retry import retry
+
+    def create():
         try:
             client.create_bucket(Bucket=bucket)
-            return
         except client.exceptions.BucketAlreadyOwnedByYou:
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            pass
+
+    retry(create, timeout=timeout, transient=lambda exc: True, first_delay=0.5, max_delay=2)
 
 
 @dataclass
@@ -190,6 +202,7 @@ class MlflowServer:
     pid: int
     uri: str
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    data_dir: str = ""
 
     def stop(self) -> None:
         stop_pid(self.pid)
@@ -215,7 +228,7 @@ def start_mlflow(data_dir: str | Path, s3: S3Server | None = None, bucket: str =
     log = open(data_dir / "mlflow-server.out", "ab")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    server = MlflowServer(proc.pid, f"http://127.0.0.1:{port}", proc)
+    server = MlflowServer(proc.pid, f"http://127.0.0.1:{port}", proc, str(data_dir))
     try:
         wait_http(f"{server.uri}/health", timeout, proc)
     except BaseException:

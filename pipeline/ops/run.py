@@ -26,13 +26,23 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     return build(PipelineConfig, values, path)
 
 
-def already_staged(storage: Storage, cfg: StageConfig) -> bool:
-    """DEST holds a complete manifest for the same source and writer settings."""
+def why_stage(storage: Storage, cfg: StageConfig) -> str | None:
+    """None when DEST already holds exactly what staging cfg.source with cfg would give (same
+    settings, and the source's files unchanged: names, sizes, ETags or mtimes); else why not."""
+    from ..data.source import source_listing
+
     if not storage.exists(join(cfg.dest, MANIFEST)):
-        return False
+        return "not staged yet"
     manifest = read_manifest(storage, cfg.dest)
-    return (manifest.source.get("uri") == cfg.source and manifest.writer == cfg.writer
-            and sorted(manifest.splits) == sorted(cfg.splits))
+    src = manifest.source
+    if src.get("uri") != cfg.source:
+        return f"it holds a dataset staged from {src.get('uri')}"
+    if manifest.writer != cfg.writer or sorted(manifest.splits) != sorted(cfg.splits) or \
+            src.get("shard_size") != cfg.shard_size or cfg.layout not in ("auto", src.get("layout")):
+        return "it was staged with other settings"
+    if src.get("listing_sha256") != source_listing(storage, cfg.source):
+        return f"{cfg.source} changed since it was staged"
+    return None
 
 
 def register_once(storage: Storage, record_dir: str, checkpoint: str, model: str,
@@ -68,11 +78,14 @@ def run(cfg: PipelineConfig, steps: tuple[str, ...] = STEPS, storage: Storage | 
         if not train_cfg.data:
             train_cfg = train_cfg.model_copy(update={"data": stage_cfg.dest})
         if "stage" in steps:
-            if already_staged(storage, stage_cfg):
-                say(f"[stage] skipped: {stage_cfg.dest} already holds a complete dataset from "
-                    f"{stage_cfg.source} with these settings")
+            why = why_stage(storage, stage_cfg)
+            if why is None:
+                say(f"[stage] skipped: {stage_cfg.dest} already holds what staging "
+                    f"{stage_cfg.source} with these settings gives (same files)")
             else:
-                result = stage(stage_cfg, storage, ray_address)
+                say(f"[stage] staging {stage_cfg.dest}: {why}")
+                result = stage(stage_cfg.model_copy(update={"replace": True}), storage,
+                               ray_address, say=say)
                 say(f"[stage] {result.summary()['splits']} -> {stage_cfg.dest}")
             landed["dataset"] = stage_cfg.dest
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..retry import retry
 
 # Where things are: passed to the job. Credentials are not (see above).
 PASS_THROUGH = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -52,20 +53,21 @@ def job_client(address: str):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return JobSubmissionClient(address)
-        except Exception as exc:   # noqa: BLE001 - said in words below
-            text = str(exc)
-            if "Authentication" in type(exc).__name__ or "401" in text or "token" in text.lower():
-                raise UserError(f"{address}: the Ray head refused this client's token; run on a "
-                                "machine with the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
-                                f"({text.splitlines()[0][:160]})") from exc
-            if time.monotonic() > deadline:
-                raise UserError(f"cannot reach the Ray dashboard at {address}: is the head running "
-                                f"and the address (http://HEAD:8265) right? ({text.splitlines()[0][:120]})") from exc
-            time.sleep(1)
+    def refused(exc) -> bool:
+        text = str(exc)
+        return "Authentication" in type(exc).__name__ or "401" in text or "token" in text.lower()
+
+    try:
+        return retry(lambda: JobSubmissionClient(address), timeout=30, first_delay=1,
+                     transient=lambda exc: not refused(exc))
+    except Exception as exc:   # noqa: BLE001 - said in words
+        text = (str(exc).splitlines() or [""])[0]
+        if refused(exc):
+            raise UserError(f"{address}: the Ray head refused this client's token; run on a "
+                            "machine with the head's ~/.ray/auth_token, or set RAY_AUTH_TOKEN "
+                            f"({text[:160]})") from exc
+        raise UserError(f"cannot reach the Ray dashboard at {address}: is the head running and "
+                        f"the address (http://HEAD:8265) right? ({text[:120]})") from exc
 
 
 def submit(address: str, command: list[str], wait: bool = True, say=print) -> tuple[str, str]:
@@ -81,17 +83,13 @@ def submit(address: str, command: list[str], wait: bool = True, say=print) -> tu
             "(instance profile, Kubernetes secret, or the environment of `ray start`)")
     entrypoint = "python -m pipeline " + " ".join(shlex.quote(c) for c in command)
     runtime_env = {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-            break
-        except RuntimeError as exc:
-            # right after the head starts: 500 "No available agent to submit job"
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise UserError(f"{address}: the job was not accepted "
-                                f"({str(exc).splitlines()[0][:200]})") from exc
-            time.sleep(2)
+    try:   # right after the head starts: 500 "No available agent to submit job"
+        job_id = retry(lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env),
+                       timeout=60, first_delay=2,
+                       transient=lambda exc: "No available agent" in str(exc))
+    except RuntimeError as exc:
+        raise UserError(f"{address}: the job was not accepted "
+                        f"({str(exc).splitlines()[0][:200]})") from exc
     say(f"[submit] job {job_id}: {entrypoint}  (env passed: {', '.join(sorted(env_vars)) or 'none'})")
     if not wait:
         return job_id, _name(client.get_job_status(job_id))

@@ -1,6 +1,8 @@
 """How a failed worker group is recorded, retried or turned into words."""
 from __future__ import annotations
 
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
 from ray.train.v2.api.callback import UserCallback
 
 from ..config import TrainConfig
@@ -25,13 +27,8 @@ def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
     """Turn a Ray Train failure caused by the user's setup into a UserError."""
     from ray.train import ControllerError, WorkerGroupError
 
-    if isinstance(exc, WorkerGroupError):
-        for err in exc.worker_failures.values():
-            cause = getattr(err, "cause", err)
-            if isinstance(cause, UserError):
-                return cause
-            if isinstance(cause, ValueError) and "lower batch_size" in str(cause):
-                return UserError(f"--batch-size {cfg.recipe.batch_size}: {cause}")
+    if isinstance(exc, WorkerGroupError) and user_error_in(exc) is not None:
+        return user_error_in(exc)
     if isinstance(exc, ControllerError):
         name = type(exc.controller_failure).__name__
         if "StartupTimeout" in name or "StartupFailed" in name:
@@ -39,3 +36,36 @@ def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
                              f"{cfg.resources.resource_wait_minutes:g} minutes (the cluster lost "
                              "nodes, or never had room); add nodes or lower --num-workers")
     return exc
+
+
+def user_error_in(error) -> UserError | None:
+    """The UserError a worker raised, if that is what failed the worker group."""
+    for err in getattr(error, "worker_failures", {}).values():
+        cause = getattr(err, "cause", err)
+        if isinstance(cause, UserError):
+            return cause
+    return None
+
+
+class StopOnUserError(FailurePolicy):
+    """Ray Train's failure policy, except that a worker failing with a UserError (a corrupt
+    shard, a batch larger than the data) ends the run at once: restarting cannot fix it, and
+    every restart would cost a worker-group start (and `max_failures`)."""
+
+    def __init__(self, inner: FailurePolicy):
+        super().__init__(inner.failure_config)
+        self.inner = inner
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        if user_error_in(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return self.inner.make_decision(training_failed_error)
+
+
+class Trainer(TorchTrainer):
+    """TorchTrainer with the StopOnUserError policy (Ray 2.60 builds the policy in fit() and
+    hands it to the controller here)."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = StopOnUserError(kwargs["failure_policy"])
+        return super()._initialize_and_run_controller(**kwargs)

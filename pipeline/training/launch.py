@@ -18,9 +18,9 @@ from ..errors import UserError
 from ..ray_connect import connect
 from ..storage import Storage, absolute, join
 from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
-from . import checkpoint
-from .cluster import check_capacity, prefetch_data, worker_bundle
-from .failures import FailureRecorder, explain_failure
+from . import checkpoint, identity
+from .cluster import check_capacity, check_data, choose_placement, node_memory, worker_bundle
+from .failures import FailureRecorder, Trainer, explain_failure
 from .run_events import RunEvents
 from .summary import build_summary, write_summary
 from .worker import FAULT_ENV, train_worker
@@ -46,14 +46,39 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir: str,
+                 callbacks: list) -> Trainer:
+    """The TorchTrainer of one run: scaling (elastic when num_workers is a range), failure
+    handling, checkpoints kept (the best and the last), where they go."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+
+    lo, hi = cfg.workers_range
+    storage_path, filesystem = storage.for_ray(cfg.run.storage)
+    return Trainer(
+        train_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=lo if lo == hi else (lo, hi), use_gpu=cfg.resources.gpus_per_worker > 0,
+            resources_per_worker=worker_bundle(cfg.resources),
+            elastic_resize_monitor_interval_s=cfg.resources.elastic_resize_seconds),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures,
+                # each worker-group start waits 60 s for resources; bound the retries so a
+                # cluster that can no longer hold the workers ends the run, in words
+                controller_failure_limit=max(1, math.ceil(cfg.resources.resource_wait_minutes))),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+            callbacks=[FailureRecorder(storage, run_dir), *callbacks],
+            worker_runtime_env={"env_vars": worker_env()},
+            logging_config=LoggingConfig(log_level="WARNING")))
+
+
 def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
           callbacks: list | None = None, tracking: Tracking | None = None,
           label: str = "train", say=print) -> dict:
     """Run (or resume, when cfg.run.name names an unfinished run) and return the final summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
     storage = storage or Storage()
     cfg = resolved(cfg)
     manifest = read_manifest(storage, cfg.data)
@@ -61,12 +86,18 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         if not manifest.splits.get(split) or not manifest.splits[split].shards:
             raise UserError(f"{cfg.data}: the staged dataset has no '{split}' split")
     storage.check_bucket(cfg.run.storage)
+    check_data(storage, cfg, manifest)
     init_state = checkpoint.init_weights(storage, cfg.run.init_from, tracking and tracking.uri) \
         if cfg.run.init_from else None
     data_sha = manifest_sha256(storage, cfg.data)
     connect(ray_address)
     nodes = check_capacity(cfg, say)
+    memory = node_memory()
+    placement, why = choose_placement(cfg, manifest, nodes, memory)
+    say(f"[{label}] data placement: {placement} ({why})")
     run_dir = join(cfg.run.storage, cfg.run.name)
+    identity.claim(storage, run_dir, "run.json", f"run {cfg.run.name}",
+                   identity.defining(cfg, data_sha), cfg.run.restart)
     events = RunEvents(storage, run_dir)
 
     mlflow = None
@@ -74,37 +105,17 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         mlflow = TrackedRun(tracking, cfg.run.name, storage=storage, run_dir=run_dir, say=say,
                             tags=lineage_tags(cfg.data, data_sha, tracking.trial_id),
                             params=safe_params(cfg.flat()))
-    lineage = {"manifest_sha256": data_sha, "mlflow_run_id": mlflow and mlflow.run_id,
-               "trial_id": tracking and tracking.trial_id}
+    loop_config = {
+        "train": cfg.model_dump(), "manifest": manifest.model_dump(), "storage": storage,
+        "run_dir": run_dir, "init_state": init_state, "label": label,
+        "lineage": {"manifest_sha256": data_sha, "val_set": manifest.val_set_digest(),
+                    "mlflow_run_id": mlflow and mlflow.run_id,
+                    "trial_id": tracking and tracking.trial_id},
+        "data": {"placement": placement, "node_memory": memory},
+        "tracking": mlflow and mlflow.for_workers()}
     try:
         events.add("driver_start")
-        prefetch_data(storage, cfg, manifest, nodes)
-        lo, hi = cfg.workers_range
-        storage_path, filesystem = storage.for_ray(cfg.run.storage)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"train": cfg.model_dump(), "manifest": manifest.model_dump(),
-                               "storage": storage, "run_dir": run_dir, "init_state": init_state,
-                               "lineage": lineage, "label": label,
-                               "tracking": mlflow and mlflow.for_workers()},
-            scaling_config=ScalingConfig(
-                num_workers=lo if lo == hi else (lo, hi), use_gpu=cfg.resources.gpus_per_worker > 0,
-                resources_per_worker=worker_bundle(cfg.resources),
-                elastic_resize_monitor_interval_s=cfg.resources.elastic_resize_seconds),
-            run_config=RunConfig(
-                name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-                failure_config=FailureConfig(
-                    max_failures=cfg.run.max_failures,
-                    # each worker-group start waits 60 s for resources; bound the retries so a
-                    # cluster that can no longer hold the workers ends the run, in words
-                    controller_failure_limit=max(1, math.ceil(cfg.resources.resource_wait_minutes))),
-                checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
-                                                   checkpoint_score_order="max"),
-                callbacks=[FailureRecorder(storage, run_dir), *(callbacks or [])],
-                worker_runtime_env={"env_vars": worker_env()},
-                logging_config=LoggingConfig(log_level="WARNING")),
-        )
-        result = trainer.fit()
+        result = make_trainer(cfg, loop_config, storage, run_dir, callbacks or []).fit()
     except BaseException as exc:
         if mlflow is not None:
             mlflow.finish(status="FAILED" if isinstance(exc, Exception) else "KILLED")

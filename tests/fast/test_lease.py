@@ -1,0 +1,33 @@
+"""One writer per destination: a lease taken with a conditional write, renewed, released."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.storage import Lease, Storage
+
+
+def test_a_second_writer_is_refused_until_the_first_releases(tmp_path):
+    uri = str(tmp_path / "dest" / ".lease.json")
+    first = Lease(Storage(), uri, "stage A").acquire()
+    with pytest.raises(UserError, match=r"being written by another run \(stage A"):
+        Lease(Storage(), uri, "stage B").acquire()
+    first.release()
+    assert not (tmp_path / "dest" / ".lease.json").exists()
+    Lease(Storage(), uri, "stage B").acquire().release()
+
+
+def test_the_lease_of_a_killed_process_on_this_machine_is_taken_over(tmp_path):
+    uri = tmp_path / ".lease.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lease = Lease(Storage(), str(uri), "stage B")
+    uri.write_text(json.dumps({"owner": "x", "host": lease.host, "pid": int(dead), "token": "t",
+                               "what": "stage A", "expires": 4e9}))
+    lease.acquire()
+    assert json.loads(uri.read_text())["what"] == "stage B"
+    lease.release()
