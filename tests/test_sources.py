@@ -109,12 +109,14 @@ def test_unknown_layout_and_split_are_user_errors(sample_sets):
         discover(Storage(), sample_sets["folders"], splits=["test"])
 
 
-def test_multipart_upload_for_large_files(s3, bucket, s3_storage, tmp_path, monkeypatch):
-    import pipeline.storage as storage_mod
+def test_multipart_upload_for_large_files(s3, bucket, tmp_path):
+    from pipeline.storage import S3Settings
 
-    monkeypatch.setattr(storage_mod, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    store = Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key,
+                               multipart_threshold=5 * 1024 * 1024))
     big = tmp_path / "big.bin"
     big.write_bytes(np.random.default_rng(0).bytes(12 * 1024 * 1024))
+    s3_storage = store
     s3_storage.upload_file(big, f"s3://{bucket}/big.bin")
     etag = s3_storage.client.head_object(Bucket=bucket, Key="big.bin")["ETag"]
     assert etag.strip('"').endswith("-3")   # three parts

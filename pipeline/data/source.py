@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -54,6 +55,19 @@ class Source:
     names: dict[str, str]
     splits: dict[str, list[SourceImage]]
     skipped: list[dict] = field(default_factory=list)
+    listing: str = ""      # fingerprint of the source's files: names, sizes, ETags or mtimes
+
+
+def listing_digest(entries) -> str:
+    """What a source looked like: (path, size, version) of every file, in order."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+def source_listing(storage: Storage, uri: str) -> str:
+    return listing_digest(storage.list_detailed(uri))
 
 
 @lru_cache(maxsize=1)
@@ -105,7 +119,8 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
         import os
         if not os.path.exists(uri):
             raise UserError(f"source {uri} does not exist")
-    files = dict(storage.list(uri))
+    entries = list(storage.list_detailed(uri))
+    files = {rel: size for rel, size, _ in entries}
     if not files:
         raise UserError(f"source {uri} is empty: expected ImageNet in one of the layouts "
                         f"{', '.join(LAYOUTS)}")
@@ -120,14 +135,16 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
         raise UserError(f"--layout: unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
 
     if layout == "tars":
-        return _discover_tars(storage, uri, files, splits, parallel_map)
+        source = _discover_tars(storage, uri, files, splits, parallel_map)
+        source.listing = listing_digest(entries)
+        return source
     root = KAGGLE_ROOT + "/" if layout == "kaggle" else ""
     train = _class_folders(files, root + "train/")
     if not train:
         raise UserError(f"source {uri}: no {root}train/<wnid>/ folders found for layout '{layout}'")
     classes = sorted({img.wnid for img in train})
     names = _names(storage, uri, files)
-    source = Source(uri, layout, classes, names, {})
+    source = Source(uri, layout, classes, names, {}, listing=listing_digest(entries))
     if "train" in splits:
         source.splits["train"] = train
     if "val" in splits:
@@ -221,25 +238,70 @@ def parse_devkit(ground_truth: str, meta_mat: bytes) -> tuple[dict[int, str], di
 
 
 def _devkit_from_tar(data: bytes, uri: str) -> tuple[dict[int, str], dict[str, str]]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
-        if GROUND_TRUTH not in members or META_MAT not in members:
-            raise UserError(f"source {uri}: {DEVKIT_TAR} lacks {GROUND_TRUTH} or {META_MAT}")
-        return parse_devkit(tar.extractfile(members[GROUND_TRUTH]).read().decode(),
-                            tar.extractfile(members[META_MAT]).read())
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+            if GROUND_TRUTH not in members or META_MAT not in members:
+                raise UserError(f"source {uri}: {DEVKIT_TAR} lacks {GROUND_TRUTH} or {META_MAT}")
+            return parse_devkit(tar.extractfile(members[GROUND_TRUTH]).read().decode(),
+                                tar.extractfile(members[META_MAT]).read())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UserError(f"source {uri}: {DEVKIT_TAR} is not a readable archive ({exc}); "
+                        "download it again") from exc
 
 
-def tar_members(f, start: int = 0) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file in a tar, reading headers only; offsets
-    are shifted by `start` (where the tar itself begins, for a tar inside a tar)."""
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        return [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
+BLOCK = 512
+
+
+def tar_members(f, where: str, start: int = 0) -> tuple[list[tuple[str, int, int]], list[dict]]:
+    """((name, data offset, size) of every regular file, [skipped members]) of a tar, reading
+    headers only; offsets are shifted by `start` (where the tar begins, for a tar in a tar).
+
+    An archive from elsewhere is not trusted: a member named outside the archive (`../x`,
+    `/abs/x`) or a link is skipped and recorded; a cut-short archive, or one whose members'
+    declared sizes do not match where the next header is, is refused in one line naming the
+    member, instead of silently losing (or shifting) what follows it."""
+    members, skipped = [], []
+    total = f.seek(0, 2)
+    f.seek(0)
+    last = None
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:   # tarfile finds each header from the declared size of the one before
+                last = m
+                name = posixpath.normpath(m.name)
+                if m.issym() or m.islnk():
+                    skipped.append({"path": f"{where}/{m.name}", "reason": "link member "
+                                    f"(to {m.linkname}), not an image: skipped"})
+                elif m.isfile() and (name.startswith("/") or name == ".." or name.startswith("../")):
+                    skipped.append({"path": f"{where}/{m.name}", "reason": "member path leads "
+                                    "outside the archive: skipped"})
+                elif m.isfile():
+                    members.append((name, start + m.offset_data, m.size))
+    except (tarfile.ReadError, tarfile.HeaderError, EOFError) as exc:
+        raise UserError(f"{where}: not a readable tar archive past byte {f.tell()} of {total} "
+                        f"({exc}); is it cut short? Download it again") from exc
+    if last is not None:
+        end = last.offset_data + -(-last.size // BLOCK) * BLOCK
+        if end > total:
+            raise UserError(f"{where}: the archive ends at byte {total}, inside member {last.name}, "
+                            f"which declares {last.size} bytes: it is cut short; download it again")
+        f.seek(end)
+        rest = f.read(2 * BLOCK)
+        # tarfile stops quietly at a header it cannot parse: had a declared size been wrong, what
+        # follows the last member it read would not be the end-of-archive zeros
+        if rest.strip(b"\0"):
+            raise UserError(f"{where}: member {last.name} declares {last.size} bytes, but a header "
+                            "or data follows before that: the archive is inconsistent: refused")
+    return members, skipped
 
 
 def list_class_tar(storage: Storage, uri: str, outer: str, inner: str, start: int, size: int):
     """Members of one per-class tar inside ILSVRC2012_img_train.tar (runs as a Ray task)."""
+    where = f"{outer}/{inner}"
     with storage.open_range(join(uri, outer), start, size) as f:
-        return [(f"{outer}/{inner}/{name}", off, n) for name, off, n in tar_members(f, start)]
+        members, skipped = tar_members(f, where, start)
+    return [(f"{where}/{name}", off, n) for name, off, n in members], skipped
 
 
 def list_class_tar_job(args: tuple):
@@ -250,18 +312,20 @@ def _discover_tars(storage, uri, files, splits, parallel_map) -> Source:
     if TRAIN_TAR not in files:
         raise UserError(f"source {uri}: {TRAIN_TAR} is missing (the class list comes from it)")
     with storage.open_range(join(uri, TRAIN_TAR)) as f:
-        class_tars = [(name, off, n) for name, off, n in tar_members(f) if name.endswith(".tar")]
+        outer, skipped = tar_members(f, TRAIN_TAR)
+    class_tars = [(name, off, n) for name, off, n in outer if name.endswith(".tar")]
     if not class_tars:
         raise UserError(f"source {uri}: {TRAIN_TAR} holds no per-class .tar files")
     classes = sorted(name[:-4].rsplit("/", 1)[-1] for name, _, _ in class_tars)
-    source = Source(uri, "tars", classes, _names(storage, uri, files), {})
+    source = Source(uri, "tars", classes, _names(storage, uri, files), {}, skipped)
     if "train" in splits:
         jobs = [(storage, uri, TRAIN_TAR, name, off, n) for name, off, n in class_tars]
         train = []
-        for members in parallel_map(list_class_tar_job, jobs):
+        for (class_tar, _, _), (members, inner_skipped) in zip(class_tars, parallel_map(list_class_tar_job, jobs)):
+            wnid = class_tar[:-len(".tar")].rsplit("/", 1)[-1]
+            source.skipped.extend(inner_skipped)
             for path, off, n in members:
                 if _is_image_name(path):
-                    wnid = path.split("/")[1][:-len(".tar")]
                     train.append(SourceImage(path, wnid, TRAIN_TAR, off, n))
         source.splits["train"] = sorted(train, key=lambda i: i.path)
     if "val" in splits:
@@ -270,7 +334,8 @@ def _discover_tars(storage, uri, files, splits, parallel_map) -> Source:
         labels, names = _val_labels(storage, uri, files)
         source.names.update(names)
         with storage.open_range(join(uri, VAL_TAR)) as f:
-            members = tar_members(f)
+            members, val_skipped = tar_members(f, VAL_TAR)
+        source.skipped.extend(val_skipped)
         val = []
         for name, off, n in sorted(members):
             path = f"{VAL_TAR}/{name}"

@@ -2,31 +2,14 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from helpers import grey16_png, jpeg_claiming, png_claiming
 from PIL import Image
 
 from pipeline.data.images import BadImage, decode_rgb
 from pipeline.data.sample_data import class_image, jpeg_bytes
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A few hundred bytes whose header claims width x height pixels."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + \
-        chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    data = bytearray(jpeg_bytes(np.zeros((16, 16, 3), np.uint8)))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
 
 
 def test_decode_converts_real_imagenet_oddities_to_rgb():
@@ -65,9 +48,7 @@ def test_the_pixel_bound_applies_to_real_pixels():
 
 
 def test_sixteen_bit_greyscale_keeps_its_grey():
-    grey = np.full((40, 60), 32896, np.uint16)            # mid-grey in 16 bits
-    buf = io.BytesIO()
-    Image.fromarray(grey).save(buf, format="PNG")
-    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
-    out = decode_rgb(buf.getvalue(), 512)
+    data = grey16_png(32896)                               # mid-grey in 16 bits
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = decode_rgb(data, 512)
     assert out.shape == (40, 60, 3) and abs(int(out.mean()) - 128) <= 1
