@@ -21,14 +21,27 @@ pytestmark = pytest.mark.slow   # real services / Ray clusters
 CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in range(4)]
 
 
-def make_checkpoint(folder: Path, val_top1: float, val_set: str = "v" * 64) -> str:
+def make_checkpoint(folder: Path, val_top1: float, val_set: str = "v" * 64,
+                    classes: list[dict] = CLASSES) -> str:
     """A checkpoint as training writes it (weights are random: only the score matters here)."""
     cfg = TrainConfig(arch="resnet18", val_res=32)
     folder.mkdir(parents=True)
-    model = build_model("resnet18", len(CLASSES), blurpool=True)
+    model = build_model("resnet18", len(classes), blurpool=True)
     checkpoint.save(folder, model=model.state_dict(), optimizer={}, scaler={}, epoch=1, rng=[],
-                    meta=checkpoint.meta(cfg, CLASSES, 1, {"val_top1": val_top1, "val_top5": 1.0},
+                    meta=checkpoint.meta(cfg, classes, 1, {"val_top1": val_top1, "val_top5": 1.0},
                                          {"manifest_sha256": "0" * 64, "val_set": val_set}))
+    return str(folder)
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/pipeline-planted-code-ran",))
+
+
+def planted_checkpoint(folder: Path) -> str:
+    """What someone who can write the runs bucket could leave there."""
+    make_checkpoint(folder, 0.9)
+    torch.save({"model": {}, "planted": Planted()}, folder / checkpoint.CHECKPOINT_FILE)
     return str(folder)
 
 
@@ -68,6 +81,41 @@ def test_racing_registrations_leave_one_champion_the_best(mlflow_server, tmp_pat
     assert client.get_model_version_by_alias("race", "challenger").version == tie["model_version"]
 
 
+def test_operators_stay_in_charge_and_only_comparable_models_are_ranked(mlflow_server, tmp_path):
+    uri = mlflow_server.uri
+
+    def register(name, score, **kw):
+        return last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / name, score, **kw),
+                                               "rules", uri)[1:]).stdout)
+
+    client = mlflow_client(uri)
+    champion = lambda: client.get_model_version_by_alias("rules", "champion").version  # noqa: E731
+    assert register("v1", 0.60)["alias"] == "champion"
+    assert register("v2", 0.70)["alias"] == "champion" and champion() == "2"
+    # an operator rolls back to v1 on purpose
+    rolled = last_json(run_cli("promote", "--model", "rules", "--version", "1", "--reason",
+                               "v2 misbehaves in production", "--tracking-uri", uri, "--json").stdout)
+    assert rolled["previous_champion_version"] == "2" and champion() == "1"
+    tags = client.get_model_version("rules", "1").tags
+    assert tags["pipeline.promotion.promoted_reason"] == "v2 misbehaves in production"
+    assert tags["pipeline.promotion.promoted_by"] and tags["pipeline.promotion.promoted_at"]
+    # a worse registration is compared with v1 (the champion now), not with v2: it stays put
+    worse = register("v3", 0.55)
+    assert worse["decision"] == "challenger" and champion() == "1"
+    # a model at chance (4 classes: 0.25) is registered without any alias
+    chance = register("v4", 0.30)
+    assert chance["decision"] == "none" and chance["alias"] is None
+    assert "not clearly better than chance" in chance["reason"] and champion() == "1"
+    assert "champion" not in client.get_model_version("rules", chance["model_version"]).aliases
+    # a 2-class model scoring 1.0 on its own classes does not displace a 4-class champion
+    two = [{"index": i, "wnid": f"n1000000{i}", "name": f"other {i}"} for i in range(2)]
+    other = register("v5", 1.0, val_set="w" * 64, classes=two)
+    assert other["decision"] == "none" and "another validation set" in other["reason"]
+    assert champion() == "1"
+    # a better one on the same validation set than the current champion takes over
+    assert register("v6", 0.65)["alias"] == "champion" and champion() == "6"
+
+
 def _error(*args):
     proc = run_cli(*args, check=False, timeout=180)
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-3000:])
@@ -77,7 +125,7 @@ def _error(*args):
 
 def test_registry_errors(mlflow_server, tmp_path):
     port = free_ports(1)[0]
-    ckpt = make_checkpoint(tmp_path / "ok", 0.4)
+    ckpt = make_checkpoint(tmp_path / "ok", 0.9)
     assert "cannot reach the MLflow tracking server" in _error(
         "register", "--checkpoint", ckpt, "--model", "m", "--tracking-uri", f"http://127.0.0.1:{port}")
     assert "not a checkpoint folder" in _error(
@@ -91,6 +139,9 @@ def test_registry_errors(mlflow_server, tmp_path):
         "predict", "--model", "models:/never-registered@champion", image,
         "--tracking-uri", mlflow_server.uri)
     run_cli("register", "--checkpoint", ckpt, "--model", "errs", "--tracking-uri", mlflow_server.uri)
+    assert "pickled Python objects" in _error(
+        "register", "--checkpoint", planted_checkpoint(tmp_path / "planted"), "--model", "errs",
+        "--tracking-uri", mlflow_server.uri)
     assert "no such registered model, version or alias" in _error(
         "predict", "--model", "models:/errs@no-such-alias", image, "--tracking-uri", mlflow_server.uri)
     out = last_json(run_cli("predict", "--model", "models:/errs@champion", image, "--json",

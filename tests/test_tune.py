@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree
+from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree, wait_for
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -40,6 +40,9 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
                             env=env).stdout)
     trials = out["trials"]
     assert len(trials) == 3 and all(t["status"] == "TERMINATED" for t in trials)
+    # the flags are constants of the sweep; only the space's lr varies
+    assert out["search_space"] == {"lr": {"grid": [0.4, 0.2, 0.000001]}}
+    assert out["fixed"]["arch"] == "resnet18" and out["fixed"]["batch_size"] == 16
     stopped = [t for t in trials if t["stopped_early"]]
     assert stopped and all(t["epochs_completed"] < 3 for t in stopped)
     assert out["best_val_top1"] >= 0.9 and out["best_config"]["lr"] in (0.4, 0.2)
@@ -68,17 +71,23 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
     # artifacts went through the server into the S3 bucket
     assert any(True for _ in s3_storage.list("s3://mlflow/artifacts"))
 
-    # a second, worse registration becomes challenger; the champion stays
-    stopped_id = stopped[0]["id"]
-    worse = sorted(k for k, _ in s3_storage.list(f"s3://{bucket}/runs/sweep1/runs/{stopped_id}")
-                   if k.endswith("/meta.json") and k.startswith("epoch-"))[-1].rsplit("/", 1)[0]
-    proc = run_cli("register", "--checkpoint", f"s3://{bucket}/runs/sweep1/runs/{stopped_id}/{worse}",
-                   "--model", "tiny-resnet", "--json", env=env)
-    second = last_json(proc.stdout)
-    assert second["decision"] == "challenger" and second["model_version"] == "2"
-    assert "vs current champion" in proc.stdout
-    assert client.get_model_version_by_alias("tiny-resnet", "champion").version == "1"
-    assert client.get_model_version_by_alias("tiny-resnet", "challenger").version == "2"
+    # the other trials registered too: worse ones become challenger, one at chance gets no alias;
+    # the champion stays
+    for trial in [t for t in trials if t["id"] != out["best_trial"]]:
+        run = f"s3://{bucket}/runs/sweep1/runs/{trial['id']}"
+        last = sorted(k for k, _ in s3_storage.list(run)
+                      if k.endswith("/meta.json") and k.startswith("epoch-"))[-1].rsplit("/", 1)[0]
+        proc = run_cli("register", "--checkpoint", f"{run}/{last}", "--model", "tiny-resnet",
+                       "--json", env=env)
+        reg = last_json(proc.stdout)
+        if trial["val_top1"] < 0.5:   # 4 classes: twice chance
+            assert reg["decision"] == "none" and "not clearly better than chance" in reg["reason"]
+            assert "without an alias" in proc.stdout
+        else:
+            assert reg["decision"] == "challenger" and "does not beat champion version 1" in reg["reason"]
+            assert client.get_model_version_by_alias("tiny-resnet", "challenger").version == \
+                reg["model_version"]
+        assert client.get_model_version_by_alias("tiny-resnet", "champion").version == "1"
 
     # predict: the champion names each class's val image correctly
     src = Path(train_data).parent / "src" / "val"
@@ -95,7 +104,7 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
 
 def test_resume_after_killed_sweep_skips_finished_trials(train_data, ray_cluster, tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.4, 0.3, 0.2, 0.1]}\n")
+    space.write_text("lr: {grid: [0.4, 0.3, 0.2]}\n")
     args = [PIPELINE, *map(str, sweep_args(train_data, tmp_path / "runs", "resumable", space,
                                            epochs=2, extra=["--max-concurrent", 1,
                                                             "--scheduler", "none",
@@ -104,17 +113,13 @@ def test_resume_after_killed_sweep_skips_finished_trials(train_data, ray_cluster
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     runs = tmp_path / "runs" / "resumable" / "runs"
-    deadline = time.monotonic() + 400
-    while len(list(runs.glob("*/summary.json"))) < 1:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.5)
-    time.sleep(3)   # let Tune record the finished trial in its experiment state
+    wait_for(lambda: list(runs.glob("*/summary.json")), "a finished trial", 400, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_before = {p.parent.name for p in runs.glob("*/summary.json")}
 
     out = last_json(run_cli(*args[1:], "--resume", env={"RAY_ADDRESS": ray_cluster.address}).stdout)
-    assert len(out["trials"]) == 4 and all(t["status"] == "TERMINATED" for t in out["trials"])
+    assert len(out["trials"]) == 3 and all(t["status"] == "TERMINATED" for t in out["trials"])
     assert all(t["epochs_completed"] == 2 for t in out["trials"])
     for trial in finished_before:
         starts = list((runs / trial / "events").glob("*-driver_start-*.json"))
@@ -123,12 +128,92 @@ def test_resume_after_killed_sweep_skips_finished_trials(train_data, ray_cluster
 
 def test_failing_trial_is_errored_and_the_sweep_goes_on(train_data, ray_cluster, tmp_path):
     space = tmp_path / "space.yaml"
-    # 600 images cannot feed a batch of 5000: that trial fails in its workers, every retry
+    # 600 images cannot feed a batch of 5000: that trial is refused, the other one goes on
     space.write_text("batch_size: {grid: [16, 5000]}\n")
-    out = last_json(run_cli(*sweep_args(train_data, tmp_path / "runs", "witherror", space, epochs=1,
-                                        extra=["--max-failures", 0, "--scheduler", "none",
-                                               "--cache-dir", tmp_path / "cache"]),
-                            env={"RAY_ADDRESS": ray_cluster.address}).stdout)
+    args = [a for a in sweep_args(train_data, tmp_path / "runs", "witherror", space, epochs=1,
+                                  extra=["--scheduler", "none", "--min-val-top1", 0.01,
+                                         "--cache-dir", tmp_path / "cache"])]
+    i = args.index("--batch-size")
+    del args[i:i + 2]   # batch_size is searched here, so it is not also a flag
+    proc = run_cli(*args, env={"RAY_ADDRESS": ray_cluster.address})
+    out = last_json(proc.stdout)
     status = sorted(t["status"] for t in out["trials"])
     assert status == ["ERROR", "TERMINATED"]
     assert out["best_config"]["batch_size"] == 16
+    assert "warning: batch_size 5000" in proc.stdout
+
+    # a space naming a setting that is also a flag is refused in words
+    clash = run_cli(*sweep_args(train_data, tmp_path / "runs", "clash", space), check=False,
+                    env={"RAY_ADDRESS": ray_cluster.address})
+    assert clash.returncode == 2 and "'batch_size', which --batch-size also sets" in clash.stderr
+
+
+def test_default_space_keeps_the_given_settings_and_fits_the_data(train_data, ray_cluster, tmp_path):
+    """The issue's sweep: --arch given, batch size left open, default space, ~600 images."""
+    args = ["tune", "--data", train_data, "--storage", tmp_path / "runs", "--name", "defaults",
+            "--arch", "resnet18", "--min-res", 32, "--max-res", 32, "--val-res", 32,
+            "--start-ramp", 0, "--end-ramp", 0, "--epochs", 1, "--trials", 2,
+            "--num-workers", 1, "--worker-resources", "trainer=1", "--min-val-top1", 0.01,
+            "--cache-dir", tmp_path / "cache", "--json"]
+    proc = run_cli(*args, env={"RAY_ADDRESS": ray_cluster.address})
+    out = last_json(proc.stdout)
+    assert "arch" not in out["search_space"] and out["fixed"]["arch"] == "resnet18"
+    assert set(out["search_space"]) == {"lr", "weight_decay", "label_smoothing", "batch_size"}
+    assert "[tune] searching: lr loguniform" in proc.stdout and "fixed: arch=resnet18" in proc.stdout
+    assert "batch_size 256, 512 left out" in proc.stdout
+    train_images = json.loads((Path(train_data) / "manifest.json").read_text())["splits"]["train"]["samples"]
+    for trial in (tmp_path / "runs" / "defaults" / "runs").iterdir():
+        meta = json.loads(next(trial.glob("epoch-*/meta.json")).read_text())
+        assert meta["arch"] == "resnet18"
+        assert train_images // meta["config"]["recipe"]["batch_size"] >= 20
+
+
+def test_a_sweep_at_chance_fails_and_registers_nothing(train_data, ray_cluster, mlflow_server,
+                                                       tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.000001]}\n")
+    proc = run_cli(*sweep_args(train_data, tmp_path / "runs", "chance", space, epochs=1,
+                               extra=["--register-as", "never-a-champion",
+                                      "--cache-dir", tmp_path / "cache"]),
+                   env={"RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": mlflow_server.uri},
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no better than chance" in error[0] and "Likely:" in error[0]
+    assert "nothing was registered" in error[0]
+    names = [m.name for m in mlflow_client(mlflow_server.uri).search_registered_models()]
+    assert "never-a-champion" not in names
+    result = json.loads((tmp_path / "runs" / "chance" / "result.json").read_text())
+    assert result["verdict"] == "at chance"
+
+
+def test_interrupted_sweep_registers_nothing_and_resumes(train_data, ray_cluster, mlflow_server,
+                                                         tmp_path):
+    """SIGINT after the first epoch: exit 130, no model, no result, MLflow runs KILLED; --resume
+    then finishes the sweep and registers its model."""
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.4]}\n")
+    args = sweep_args(train_data, tmp_path / "runs", "stopped", space, epochs=4,
+                      extra=["--register-as", "resumed-model", "--experiment", "interrupt",
+                             "--cache-dir", tmp_path / "cache"])
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, MLFLOW_TRACKING_URI=mlflow_server.uri)
+    proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "stopped" / "runs"
+    wait_for(lambda: list(runs.glob("*/epoch-0001-*/meta.json")), "the first epoch's checkpoint",
+             400, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (stdout[-2000:], stderr[-3000:])
+    assert "interrupted (SIGINT)" in stderr and "--resume" in stderr
+    assert not (tmp_path / "runs" / "stopped" / "result.json").exists()
+    client = mlflow_client(mlflow_server.uri)
+    assert "resumed-model" not in [m.name for m in client.search_registered_models()]
+    exp = client.get_experiment_by_name("interrupt")
+    statuses = {r.data.tags.get("mlflow.runName"): r.info.status
+                for r in client.search_runs([exp.experiment_id])}
+    assert statuses and set(statuses.values()) == {"KILLED"}, statuses
+
+    out = last_json(run_cli(*args, "--resume", env={"RAY_ADDRESS": ray_cluster.address,
+                                                   "MLFLOW_TRACKING_URI": mlflow_server.uri}).stdout)
+    assert out["trials"][0]["epochs_completed"] == 4 and out["model_version"] == "1"

@@ -77,7 +77,7 @@ def plan_space(user_space: dict | None, base: TrainConfig, flags: set[str], expl
         for key in sorted(set(space) & (explicit - flags)):
             notes.append(f"{key}: searched as the search space says (the config file's value is "
                          "used only where the space does not reach)")
-        batches = values_of(space.get("batch_size"))
+        batches = values_of(space["batch_size"]) if "batch_size" in space else None
         if batches:
             _, bad = fitting_batches(per_worker, [int(b) for b in batches])
             if bad:

@@ -24,6 +24,16 @@ from ..tracking import Tracking
 from .search_space import MIN_STEPS, describe, load_search_space, plan_space, to_param_space
 
 RESULT_FILE = "result.json"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+def keep_keys_out_of_trials() -> None:
+    """Ray Tune copies the driver's AWS keys into every trial actor's runtime_env, which each
+    node's runtime-env agent writes to its log. Trials run on nodes that have their own
+    credentials (the cluster's), so the copy only leaks them: take the keys off Tune's list."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE -= CREDENTIALS
 
 
 def trial_fn(config: dict, base: dict, sweep: dict) -> None:
@@ -35,7 +45,7 @@ def trial_fn(config: dict, base: dict, sweep: dict) -> None:
     from ..training.summary import finished_summary
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = TrainConfig(**base).replace(**config, name=trial_id, storage=sweep["runs"])
+    cfg = TrainConfig(**base).replace(**config, name=trial_id, storage=sweep["runs"], restart=False)
     storage = sweep["storage"]
     done = finished_summary(storage, join(sweep["runs"], trial_id))
     if done is not None:
@@ -115,8 +125,9 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ..data.manifest import read_manifest
+    from ..data.manifest import manifest_sha256, read_manifest
     from ..ray_connect import connect
+    from ..training import identity
     from ..tracking import client as tracking_client
     from ..tracking import experiment_id, find_or_start_run, safe_params
     from ..training.cluster import worker_bundle, workers_that_fit
@@ -137,6 +148,15 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
         say(f"[tune] {note}")
     storage.check_bucket(base.run.storage)
     sweep_dir = join(base.run.storage, settings.name)
+    defining = {"trials": identity.defining(base, manifest_sha256(storage, base.data)),
+                "search_space": space,
+                "sweep": settings.model_dump(exclude={"name", "register_as", "max_concurrent"})}
+    existed = identity.claim(storage, sweep_dir, "sweep.json", f"sweep {settings.name}", defining,
+                             base.run.restart)
+    if existed and not resume:
+        raise UserError(f"sweep {settings.name} already exists at {sweep_dir}: --resume continues it "
+                        "(or reports it again when it finished), --restart discards it, or choose "
+                        "another --name")
 
     connect(ray_address)
     lo, _ = base.workers_range
@@ -200,6 +220,7 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
             run_config=rtune.RunConfig(name=settings.name, storage_path=storage_path,
                                        storage_filesystem=filesystem,
                                        failure_config=rtune.FailureConfig(max_failures=0)))
+    keep_keys_out_of_trials()
     with _StopOnSignal() as stop:
         results = tuner.fit()
     if stop.received:

@@ -53,3 +53,13 @@ def test_an_operators_rollback_starts_a_new_era():
     versions = [v("1", 0.6), v("2", 0.7, "1", era="0"), v("3", 0.65, "1", era="rollback")]
     assert rightful_champion(versions, "1", "rollback") == "3"
     assert rightful_champion([v("1", 0.6), v("2", 0.7, "1", era="0")], "1", "rollback") == "1"
+
+
+def test_a_run_without_a_checkpoint_is_not_registered():
+    import pytest
+
+    from pipeline.errors import UserError
+    from pipeline.registry.promote import register
+
+    with pytest.raises(UserError, match="has no checkpoint"):
+        register(None, "m")

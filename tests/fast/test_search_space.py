@@ -40,6 +40,8 @@ def test_user_space_naming_a_flag_is_an_error_and_a_bad_batch_a_warning(tmp_path
                                  base.explicit(), 600)
     assert space == {"batch_size": {"choice": [16, 512]}}
     assert any(n.startswith("warning: batch_size 512") for n in notes)
+    space, _, notes = plan_space({"lr": {"grid": [0.1, 0.2]}}, base, set(), base.explicit(), 600)
+    assert space == {"lr": {"grid": [0.1, 0.2]}} and not notes
 
 
 def test_search_space_file_is_checked(tmp_path):
