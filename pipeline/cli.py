@@ -35,7 +35,8 @@ COMMANDS: list[Command] = []
 
 
 def command(name: str, help: str, description: str, *, arguments: Callable | None = None,
-            groups: tuple[str, ...] = (), resume_hint: str = "re-run the same command to resume"):
+            groups: tuple[str, ...] = (),
+            resume_hint: str = "nothing was marked finished; re-run the same command to resume"):
     """Register a subcommand: its own arguments, plus shared groups of flags (config, ray,
     tracking, json, s3, verbose: quiet terminal with a log file unless --verbose)."""
     def register(fn):
@@ -150,7 +151,8 @@ def _stage_args(p):
          "Convert ImageNet (any layout, local or s3://) into FFCV .beton shards and a "
          "manifest.json, one Ray task per shard. Re-running resumes: only missing or corrupt "
          "shards are written.", arguments=_stage_args,
-         groups=("config", "ray", "json", "verbose", "s3"))
+         groups=("config", "ray", "json", "verbose", "s3"),
+         resume_hint="the shards written so far are kept; re-run the same command to finish")
 def cmd_stage(args) -> int:
     from .config import StageConfig, from_args
     from .data.stage import stage
@@ -178,7 +180,8 @@ def _train_args(p):
 @command("train", "train a ResNet on a staged dataset with Ray Train",
          "Fault-tolerant multi-node ResNet training (Ray Train, DDP) with the FFCV ImageNet "
          "recipe. Settings: defaults < --config FILE.yaml < flags. Re-running with the same "
-         "--name resumes.", arguments=_train_args, groups=RUN_GROUPS)
+         "--name resumes.", arguments=_train_args, groups=RUN_GROUPS,
+         resume_hint="re-run with the same --name to resume from its last checkpoint")
 def cmd_train(args) -> int:
     from .config import TrainConfig, from_args
     from .training.launch import train
@@ -212,7 +215,8 @@ def _tune_args(p):
          "trials early; trials are MLflow child runs of the sweep's run. Settings given as flags "
          "or in the config file are fixed; the search space covers the rest.",
          arguments=_tune_args, groups=RUN_GROUPS,
-         resume_hint="re-run the same command with --resume to finish the sweep")
+         resume_hint="nothing was registered or marked finished; re-run the same command with "
+                     "--resume to finish the sweep")
 def cmd_tune(args) -> int:
     from .config import RegisterConfig, TrainConfig, TuneSettings, from_args
     from .sweep.tune import tune
@@ -405,7 +409,8 @@ def _bench_args(p):
 
 
 @command("bench", "benchmarks that print figures",
-         "Benchmarks: each prints a table and one JSON line.", arguments=_bench_args)
+         "Benchmarks: each prints a table and one JSON line.", arguments=_bench_args,
+         groups=("verbose",))
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -452,14 +457,16 @@ def main(argv=None) -> int:
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        console.warn(f"interrupted ({signal.Signals(signum).name}): nothing was registered or "
-                     f"marked finished; {cmd.resume_hint}")
+        console.warn(f"interrupted ({signal.Signals(signum).name}): {cmd.resume_hint}")
         return 128 + signum
     except Exception as exc:   # a bug: one line here, the traceback where it can be read
         if console.log_path() is None:
             raise
         traceback.print_exc()
-        console.warn(f"error: unexpected {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]} "
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        # Ray's errors say "...worker errors:" first and the worker's own error last
+        text = lines[-1] if lines[0].endswith(":") else lines[0]
+        console.warn(f"error: unexpected {type(exc).__name__}: {text[:300]} "
                      f"(traceback in {console.log_path()})")
         return 1
 

@@ -21,6 +21,7 @@ from pathlib import Path
 TAGS = r"stage|train|tune|trial [^\]]+|register|promote|predict|run|demo|submit|s3|mlflow|cache|pipeline"
 OURS = re.compile(rf"^\[({TAGS})\]")
 RAY_PREFIX = re.compile(r"^\((?:[^()]*?\s)?pid=\d+[^)]*\)\s")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")   # Ray colours the prefix of forwarded lines
 
 
 class _Terminal:
@@ -69,7 +70,7 @@ class _Router(io.TextIOBase):
         self.partial += text
         *lines, self.partial = self.partial.split("\n")
         for line in lines:
-            bare = RAY_PREFIX.sub("", line)
+            bare = RAY_PREFIX.sub("", ANSI.sub("", line))
             if OURS.match(bare):
                 self.terminal.write(bare + "\n")
         return len(text)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PIPELINE, last_json, mlflow_client, run_cli
+from helpers import last_json, mlflow_client, run_cli, upload_tree
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -35,15 +36,24 @@ def write_config(path: Path, source: str, work: Path, tune: bool, model: str) ->
     return path
 
 
+NOISE = ("core_worker", "raylet", "Trial status", "KeyError", "Traceback", "PreemptionWatcher",
+         "placement group", "(RayTrainWorker pid=")
+
+
 def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, tmp_path):
-    source = str(Path(train_data).parent / "src")
-    config = write_config(tmp_path / "tiny.yaml", source, tmp_path, tune=True, model="run-model")
+    source = tmp_path / "src"
+    shutil.copytree(Path(train_data).parent / "src", source)
+    config = write_config(tmp_path / "tiny.yaml", str(source), tmp_path, tune=True, model="run-model")
     env = {"RAY_ADDRESS": ray_cluster.address}
     first = run_cli("run", "--config", config, "--json", env=env)
     out = last_json(first.stdout)
     assert out["dataset"] == str(tmp_path / "staged") and out["model_version"] == "1"
     assert out["alias"] == "champion" and out["val_top1"] > 0.5
-    assert "plot:" in first.stdout and "checkpoint:" in first.stdout
+    assert "[run] plot:" in first.stdout and "[run] checkpoint:" in first.stdout
+    # a quiet terminal: our lines, Ray's and Tune's own output in the log file
+    assert not [w for w in NOISE if w in first.stdout + first.stderr], first.stdout + first.stderr
+    assert len((first.stdout + first.stderr).splitlines()) < 40
+    assert "Trial status" in Path(re.search(r"output goes to (\S+\.log)", first.stdout)[1]).read_text()
 
     again = run_cli("run", "--config", config, "--json", env=env)
     assert "[stage] skipped" in again.stdout
@@ -57,29 +67,111 @@ def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, t
     only = last_json(run_cli("run", "--config", config, "--only", "register", "--json", env=env).stdout)
     assert only["model_version"] == "1"
 
+    # the source grows: `run` stages again instead of keeping the old dataset...
+    wnid = sorted(p.name for p in (source / "train").iterdir())[0]
+    for image in sorted((source / "train" / wnid).iterdir())[:10]:
+        shutil.copy(image, image.with_name("extra_" + image.name))
+    restaged = run_cli("run", "--config", config, "--only", "stage", env=env)
+    assert "changed since it was staged" in restaged.stdout
+    manifest = json.loads((tmp_path / "staged" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 600 + 10
+    # ...and the sweep of that name, made on the old data, is not passed off as this data's
+    stale = run_cli("run", "--config", config, env=env, check=False)
+    assert stale.returncode == 2 and "sweep sweep" in stale.stderr and "manifest_sha256" in stale.stderr
 
-def test_submit_to_a_ray_start_head(ray_head, train_data, tmp_path):
-    source = str(Path(train_data).parent / "src")
-    config = write_config(tmp_path / "job.yaml", source, tmp_path, tune=False, model="job-model")
-    cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["worker_resources"] = {}
+
+def scan(root: Path, secret: bytes) -> list[str]:
+    """Files under root whose bytes contain the secret."""
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath, name)
+            try:
+                if not path.is_file():
+                    continue
+                with open(path, "rb") as f:
+                    tail = b""
+                    while block := f.read(1 << 22):
+                        if secret in tail + block:
+                            found.append(str(path))
+                            break
+                        tail = block[-len(secret):]
+            except OSError:
+                continue
+    return found
+
+
+def test_secrets_never_leave_the_environment(train_data, ray_cluster, ray_head, s3, bucket,
+                                             s3_storage, mlflow_server, node_caches, tmp_path):
+    """A whole `run` with S3 data and S3 runs, then a job submitted from a shell holding the
+    keys: the secret key appears in no file the pipeline, Ray, MLflow or SeaweedFS wrote, in no
+    object in the buckets, and in no job's runtime env or log."""
+    from pipeline.storage import S3Settings, Storage
+
+    secret = s3.secret_key.encode()
+    upload_tree(s3_storage, str(Path(train_data).parent / "src"), f"s3://{bucket}/imagenet")
+    cfg = {"stage": {"source": f"s3://{bucket}/imagenet", "dest": f"s3://{bucket}/staged",
+                     "max_resolution": 64, "shard_size": 200},
+           "train": {**TINY_TRAIN, "storage": f"s3://{bucket}/runs", "worker_resources": {"trainer": 1}},
+           "tune": {"name": "scan", "trials": 1, "search_space": {"lr": {"grid": [0.4]}}},
+           "register": {"model": "scanned"}}
+    config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    tracking = f"sqlite:///{tmp_path / 'job-mlflow.db'}"
-    env = {"MLFLOW_TRACKING_URI": tracking, "AWS_SECRET_ACCESS_KEY": "not-printed-secret-42"}
-    proc = run_cli("submit", "--address", ray_head, "--", "run", "--config", config, env=env,
-                   timeout=900)
-    assert "SUCCEEDED" in proc.stdout
-    assert "not-printed-secret-42" not in proc.stdout + proc.stderr
-    assert "AWS_SECRET_ACCESS_KEY" in proc.stdout   # named as passed, never shown
-    version = mlflow_client(tracking).get_model_version_by_alias("job-model", "champion")
-    assert str(version.version) == "1"
+    logs = tmp_path / "logs"
+    env = {**s3.env(), "RAY_ADDRESS": ray_cluster.address, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "PIPELINE_LOG_DIR": str(logs)}
+    out = last_json(run_cli("run", "--config", config, "--json", env=env).stdout)
+    assert out["alias"] == "champion"
+
+    job = run_cli("submit", "--address", ray_head.address, "--", "train", "--data",
+                  f"s3://{bucket}/staged", "--storage", f"s3://{bucket}/job-runs", "--epochs", 1,
+                  *[str(a) for k, v in TINY_TRAIN.items() if k != "epochs"
+                    for a in ("--" + k.replace("_", "-"), v)],
+                  env={**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
+                       "PIPELINE_LOG_DIR": str(logs)}, timeout=900)
+    assert "SUCCEEDED" in job.stdout
+    assert "AWS_SECRET_ACCESS_KEY" in job.stdout and "not sent with the job" in job.stdout
+    assert s3.secret_key not in job.stdout + job.stderr
+
+    # what anyone who can query the head's jobs sees (a fresh process: the head wants its token)
+    seen = subprocess.run([sys.executable, "-c", (
+        "import json, sys\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "c = JobSubmissionClient(sys.argv[1])\n"
+        "print(json.dumps([[j.runtime_env, c.get_job_logs(j.submission_id)] for j in c.list_jobs()]))"),
+        ray_head.address], env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True,
+        text=True, timeout=120)
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    jobs = json.loads(seen.stdout.strip().splitlines()[-1])
+    assert jobs and all(s3.secret_key not in json.dumps(job) for job in jobs)
+
+    roots = [tmp_path, Path(ray_cluster.head_node.get_session_dir_path()), Path(ray_head.temp),
+             Path(mlflow_server.data_dir),
+             Path(s3.data_dir) / "data", Path(s3.data_dir) / "logs", node_caches.root]
+    leaks = [hit for root in roots for hit in scan(root, secret)]
+    assert not leaks, leaks
+    store = Storage(S3Settings(s3.endpoint, s3.access_key, s3.secret_key))
+    for prefix in (f"s3://{bucket}", "s3://mlflow"):
+        for rel, _ in store.list(prefix):
+            assert secret not in store.read_bytes(f"{prefix}/{rel}"), f"{prefix}/{rel}"
 
 
 def test_submit_failure_exits_nonzero(ray_head, tmp_path):
-    proc = run_cli("submit", "--address", ray_head, "--", "train", "--data", tmp_path / "nothing",
-                   check=False, timeout=300)
+    proc = run_cli("submit", "--address", ray_head.address, "--", "train", "--data",
+                   tmp_path / "nothing", check=False, timeout=300)
     assert proc.returncode == 1 and "FAILED" in proc.stdout
     assert "manifest.json is missing" in proc.stdout
+
+
+def test_demo_shows_the_result_in_few_lines(tmp_path):
+    """`make demo` on the embedded default: under 80 lines, the champion and its predictions."""
+    proc = run_cli("demo", "--workdir", tmp_path / "demo", timeout=900)
+    text = proc.stdout + proc.stderr
+    assert len(text.splitlines()) < 80, text
+    assert not [w for w in NOISE if w in text], text
+    assert re.search(r"Champion: demo-resnet18 version \d+, val top-1 1\.000", proc.stdout), text
+    assert re.search(r"predict named [34] of 4 held-out images right", proc.stdout), text
+    assert list((tmp_path / "demo" / "logs").glob("demo-*.log"))
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config():
@@ -119,6 +211,11 @@ def test_kuberay_job_runs_the_pipeline_entrypoint():
     gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
             for g in spec["workerGroupSpecs"]]
     assert gpus and all(int(g) >= 1 for g in gpus)
+    # credentials come from the cluster (a Secret the pods read), never through the job
+    containers = [g["template"]["spec"]["containers"][0]
+                  for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+    assert all(c["envFrom"][0]["secretRef"]["name"] == "pipeline-s3" for c in containers)
+    assert "AWS_" not in job["spec"]["runtimeEnvYAML"]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
@@ -135,8 +232,9 @@ def test_job_configs_are_valid(name):
     cfg = load_pipeline_config(str(ROOT / "jobs" / "configs" / name))
     assert cfg.stage and cfg.register_ and cfg.register_.model
     if name.startswith("imagenet"):
-        assert cfg.train.lr_tta and cfg.train.blurpool and cfg.train.label_smoothing == 0.1
-        assert cfg.train.val_res == 256 and (cfg.train.min_res, cfg.train.max_res) == (160, 192)
+        r = cfg.train.recipe
+        assert r.lr_tta and r.blurpool and r.label_smoothing == 0.1
+        assert r.val_res == 256 and (r.min_res, r.max_res) == (160, 192)
 
 
 def test_readme_opens_with_the_two_commands_and_its_reference_is_current():
