@@ -440,6 +440,9 @@ def _raise_interrupted(signum, frame):
 def main(argv=None) -> int:
     # MLflow draws a progress bar for every artifact download; on a terminal that is noise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Ray folds lines that look alike from different workers into one: it would hide one trial's
+    # epoch lines behind another's
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
     cmd: Command = args.command_spec
     if "verbose" in cmd.groups and not args.verbose:

@@ -91,7 +91,7 @@ def default_log_dir() -> Path:
 def quiet(command: str, log_dir: str | Path | None = None) -> Path:
     """Send this process's (and its children's) output to a log file; keep the terminal for our
     lines. Returns the log's path."""
-    folder = Path(log_dir) if log_dir else default_log_dir()
+    folder = (Path(log_dir) if log_dir else default_log_dir()).resolve()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     sys.stdout.flush()

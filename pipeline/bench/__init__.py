@@ -115,7 +115,7 @@ def bench_loader(args) -> int:
 
     rows, threads = run(args)
     rate = {r["loader"]: r["images_per_s"] for r in rows}
-    ours, ffcv = rate["pipeline TrainLoader (merged cache)"], rate["bare FFCV Loader (same .beton)"]
+    ours, ffcv = rate["pipeline TrainLoader (node cache file)"], rate["bare FFCV Loader (same .beton)"]
     folder, decode = rate["torchvision ImageFolder + DataLoader"], rate["full JPEG decode, no augmentation"]
     for r in rows:
         r["x_imagefolder"] = round(r["images_per_s"] / folder, 2)

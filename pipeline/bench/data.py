@@ -28,7 +28,8 @@ from . import _table
 def add_arguments(p) -> None:
     p.add_argument("--data", help="staged dataset to read (default: sample data staged to a "
                                   "local S3 server started for the benchmark)")
-    p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3], help="worker nodes per run")
+    p.add_argument("--nodes", type=int, nargs="*", default=[1, 2, 3],
+                   help="worker nodes per run (none: only the accuracy runs)")
     p.add_argument("--placements", nargs="+", default=["global", "node"], choices=["global", "node"])
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=250)
@@ -187,8 +188,9 @@ def run(args) -> int:
                                  "first_step_s": round(r["first_step_s"], 1),
                                  "img_per_s": round(r["images_per_s"], 0),
                                  "bound_ok": r["bytes_downloaded"] <= total / n + biggest})
-        say(_table(rows, ["placement", "nodes", "node", "downloaded_MB", "of_D", "disk_MB",
-                            "disk_vs_share", "fetch_s", "first_step_s", "img_per_s", "bound_ok"]))
+        if rows:
+            say(_table(rows, ["placement", "nodes", "node", "downloaded_MB", "of_D", "disk_MB",
+                              "disk_vs_share", "fetch_s", "first_step_s", "img_per_s", "bound_ok"]))
         summary = {}
         for placement in args.placements:
             for n in args.nodes:

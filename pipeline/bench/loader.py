@@ -90,7 +90,7 @@ def run(args) -> list[dict]:
     common = dict(res=args.res, batch=args.batch_size, threads=threads, epochs=args.epochs)
     rows = []
     for _ in range(args.repeats):   # interleaved, best of each kept
-        rows.append(("pipeline TrainLoader (merged cache)", ours(path, **common)))
+        rows.append(("pipeline TrainLoader (node cache file)", ours(path, **common)))
         rows.append(("bare FFCV Loader (same .beton)", bare_ffcv(path, **common)))
         rows.append(("torchvision ImageFolder + DataLoader", image_folder(os.path.join(source, "train"), **common)))
         rows.append(("full JPEG decode, no augmentation", decode_limit(files, threads)))

@@ -93,7 +93,7 @@ def run(cfg: PipelineConfig, steps: tuple[str, ...] = STEPS, storage: Storage | 
     best = None
     if cfg.tune is not None and "tune" in steps:
         out = tune(train_cfg, cfg.tune, storage, ray_address, tracking, resume=True,
-                   explicit=explicit, min_val_top1=min_top1, say=say)
+                   explicit=explicit, min_val_top1=min_top1, say=say, say_when_new=False)
         best = {"checkpoint": out["best_checkpoint"], "val_top1": out["best_val_top1"],
                 "record_dir": join(absolute(train_cfg.run.storage), cfg.tune.name)}
         say(f"[tune] sweep {out['name']}: best {out['best_trial']} val top-1 "

@@ -96,6 +96,12 @@ def plan_space(user_space: dict | None, base: TrainConfig, flags: set[str], expl
                              f"worker(s) would get fewer than {MIN_STEPS} steps per epoch from "
                              f"{train_samples} training images; searching {ok}")
             space["batch_size"] = {"choice": ok} if len(ok) > 1 else ok[0]
+    if "batch_size" not in space:
+        given = base.recipe.batch_size
+        if per_worker // given < MIN_STEPS:
+            notes.append(f"warning: batch_size {given} gives each of {workers} worker(s) "
+                         f"{per_worker // given} steps per epoch on {train_samples} training "
+                         f"images (fewer than {MIN_STEPS}): trials may learn little")
     fixed = {k: v for k, v in base.flat().items()
              if k not in space and k in explicit and k not in ("name",)}
     # constants in the space are checked like any setting

@@ -121,7 +121,7 @@ class _StopOnSignal:
 def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = None,
          ray_address: str | None = None, tracking: Tracking | None = None, resume: bool = False,
          flags: set[str] = frozenset(), explicit: set[str] | None = None,
-         min_val_top1: float | None = None, say=print) -> dict:
+         min_val_top1: float | None = None, say=print, say_when_new: bool = True) -> dict:
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -195,7 +195,7 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
         tuner = rtune.Tuner.restore(tune_path, trainable, resume_unfinished=True,
                                     resume_errored=False, storage_filesystem=filesystem)
     else:
-        if resume:
+        if resume and say_when_new:
             say(f"[tune] nothing to resume at {sweep_dir}: starting the sweep")
         # max_t one past the last epoch: ASHA never stops a trial that is about to finish anyway,
         # so finishing trials end their own train() (summary, MLflow status) instead of being cut.

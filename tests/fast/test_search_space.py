@@ -15,6 +15,7 @@ def test_given_settings_are_fixed_and_left_out_of_the_default_space():
     assert "arch" not in space and "batch_size" not in space
     assert set(space) == {"lr", "weight_decay", "label_smoothing"}
     assert fixed["arch"] == "resnet18" and fixed["batch_size"] == 32
+    assert any("batch_size 32 gives each of 1 worker(s) 18 steps" in n for n in notes)
 
 
 def test_default_batches_fit_the_data():
@@ -41,7 +42,9 @@ def test_user_space_naming_a_flag_is_an_error_and_a_bad_batch_a_warning(tmp_path
     assert space == {"batch_size": {"choice": [16, 512]}}
     assert any(n.startswith("warning: batch_size 512") for n in notes)
     space, _, notes = plan_space({"lr": {"grid": [0.1, 0.2]}}, base, set(), base.explicit(), 600)
-    assert space == {"lr": {"grid": [0.1, 0.2]}} and not notes
+    assert space == {"lr": {"grid": [0.1, 0.2]}}
+    assert notes == ["warning: batch_size 512 gives each of 1 worker(s) 1 steps per epoch on 600 "
+                     "training images (fewer than 20): trials may learn little"]
 
 
 def test_search_space_file_is_checked(tmp_path):
