@@ -132,7 +132,7 @@ def local_tracking_store(tmp_path_factory):
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head(s3):
     """A Ray head started the way users start one (`ray start --head`): own ports, own temp dir,
     the venv first on PATH (jobs run with the head's environment), S3 credentials in the

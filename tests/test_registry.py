@@ -82,11 +82,12 @@ def test_racing_registrations_leave_one_champion_the_best(mlflow_server, tmp_pat
 
 
 def test_operators_stay_in_charge_and_only_comparable_models_are_ranked(mlflow_server, tmp_path):
+    from pipeline.registry.promote import register as register_checkpoint
+
     uri = mlflow_server.uri
 
-    def register(name, score, **kw):
-        return last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / name, score, **kw),
-                                               "rules", uri)[1:]).stdout)
+    def register(name, score, **kw):   # in this process: the command itself is tested above
+        return register_checkpoint(make_checkpoint(tmp_path / name, score, **kw), "rules", uri=uri)
 
     client = mlflow_client(uri)
     champion = lambda: client.get_model_version_by_alias("rules", "champion").version  # noqa: E731

@@ -123,10 +123,9 @@ def test_secrets_never_leave_the_environment(train_data, ray_cluster, ray_head, 
     out = last_json(run_cli("run", "--config", config, "--json", env=env).stdout)
     assert out["alias"] == "champion"
 
-    job = run_cli("submit", "--address", ray_head.address, "--", "train", "--data",
-                  f"s3://{bucket}/staged", "--storage", f"s3://{bucket}/job-runs", "--epochs", 1,
-                  *[str(a) for k, v in TINY_TRAIN.items() if k != "epochs"
-                    for a in ("--" + k.replace("_", "-"), v)],
+    job = run_cli("submit", "--address", ray_head.address, "--", "stage", "--source",
+                  f"s3://{bucket}/imagenet", "--dest", f"s3://{bucket}/job-staged",
+                  "--max-resolution", 32, "--shard-size", 400,
                   env={**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
                        "PIPELINE_LOG_DIR": str(logs)}, timeout=900)
     assert "SUCCEEDED" in job.stdout

@@ -240,7 +240,7 @@ def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, 
     server = start_seaweedfs(tmp_path / "weed", s3.access_key, s3.secret_key, buckets=("outage",))
     client = lambda: S3Settings(server.endpoint, s3.access_key, s3.secret_key).client()  # noqa: E731
     env = {**s3.env(), "AWS_ENDPOINT_URL": server.endpoint, "RAY_ADDRESS": ray_cluster.address}
-    args = ["stage", "--source", sample_sets["tars"], "--shard-size", 3, "--workers", 1, "--json"]
+    args = ["stage", "--source", sample_sets["tars"], "--shard-size", 5, "--workers", 1, "--json"]
     reference = last_json(run_cli(*args, "--dest", tmp_path / "reference", env=env).stdout)
 
     def parts(prefix):

@@ -102,30 +102,6 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
     assert right >= len(images) - 1
 
 
-def test_resume_after_killed_sweep_skips_finished_trials(train_data, ray_cluster, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.4, 0.3, 0.2]}\n")
-    args = [PIPELINE, *map(str, sweep_args(train_data, tmp_path / "runs", "resumable", space,
-                                           epochs=2, extra=["--max-concurrent", 1,
-                                                            "--scheduler", "none",
-                                                            "--cache-dir", tmp_path / "cache"]))]
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    runs = tmp_path / "runs" / "resumable" / "runs"
-    wait_for(lambda: list(runs.glob("*/summary.json")), "a finished trial", 400, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished_before = {p.parent.name for p in runs.glob("*/summary.json")}
-
-    out = last_json(run_cli(*args[1:], "--resume", env={"RAY_ADDRESS": ray_cluster.address}).stdout)
-    assert len(out["trials"]) == 3 and all(t["status"] == "TERMINATED" for t in out["trials"])
-    assert all(t["epochs_completed"] == 2 for t in out["trials"])
-    for trial in finished_before:
-        starts = list((runs / trial / "events").glob("*-driver_start-*.json"))
-        assert len(starts) == 1, f"finished trial {trial} was run again"
-
-
 def test_failing_trial_is_errored_and_the_sweep_goes_on(train_data, ray_cluster, tmp_path):
     space = tmp_path / "space.yaml"
     # 600 images cannot feed a batch of 5000: that trial is refused, the other one goes on
@@ -189,19 +165,21 @@ def test_a_sweep_at_chance_fails_and_registers_nothing(train_data, ray_cluster, 
 
 def test_interrupted_sweep_registers_nothing_and_resumes(train_data, ray_cluster, mlflow_server,
                                                          tmp_path):
-    """SIGINT after the first epoch: exit 130, no model, no result, MLflow runs KILLED; --resume
-    then finishes the sweep and registers its model."""
+    """SIGINT once a first trial has finished: exit 130, no model, no result, MLflow runs KILLED
+    (the finished trial's stays FINISHED); `--resume` finishes the sweep without training the
+    finished trial again, and registers its model."""
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.4]}\n")
-    args = sweep_args(train_data, tmp_path / "runs", "stopped", space, epochs=4,
+    space.write_text("lr: {grid: [0.4, 0.3]}\n")
+    args = sweep_args(train_data, tmp_path / "runs", "stopped", space, epochs=2,
                       extra=["--register-as", "resumed-model", "--experiment", "interrupt",
+                             "--max-concurrent", 1, "--scheduler", "none",
                              "--cache-dir", tmp_path / "cache"])
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, MLFLOW_TRACKING_URI=mlflow_server.uri)
     proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "runs" / "stopped" / "runs"
-    wait_for(lambda: list(runs.glob("*/epoch-0001-*/meta.json")), "the first epoch's checkpoint",
-             400, proc)
+    wait_for(lambda: list(runs.glob("*/summary.json")), "a finished trial", 400, proc)
+    finished = {p.parent.name for p in runs.glob("*/summary.json")}
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, (stdout[-2000:], stderr[-3000:])
@@ -212,8 +190,14 @@ def test_interrupted_sweep_registers_nothing_and_resumes(train_data, ray_cluster
     exp = client.get_experiment_by_name("interrupt")
     statuses = {r.data.tags.get("mlflow.runName"): r.info.status
                 for r in client.search_runs([exp.experiment_id])}
-    assert statuses and set(statuses.values()) == {"KILLED"}, statuses
+    assert statuses["sweep-stopped"] == "KILLED", statuses
+    assert {statuses[t] for t in finished} == {"FINISHED"}, statuses
+    assert "RUNNING" not in statuses.values(), statuses
 
     out = last_json(run_cli(*args, "--resume", env={"RAY_ADDRESS": ray_cluster.address,
                                                    "MLFLOW_TRACKING_URI": mlflow_server.uri}).stdout)
-    assert out["trials"][0]["epochs_completed"] == 4 and out["model_version"] == "1"
+    assert len(out["trials"]) == 2 and all(t["epochs_completed"] == 2 for t in out["trials"])
+    assert out["model_version"] == "1"
+    for trial in finished:
+        starts = list((runs / trial / "events").glob("*-driver_start-*.json"))
+        assert len(starts) == 1, f"finished trial {trial} was run again"
