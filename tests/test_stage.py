@@ -157,6 +157,15 @@ def test_corrupt_shard_is_redone(sample_sets, ray_cluster, tmp_path):
     assert again["shards_reused"] == first["shards_written"] - 2
     assert json.loads((dest / "manifest.json").read_text()) == manifest
 
+    # A garbled manifest is refused in words; --replace stages over it.
+    (dest / "manifest.json").write_text('{"source": "half a manif')
+    proc = run_cli(*args, env=env, check=False)
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    replaced = last_json(run_cli(*args, "--replace", env=env).stdout)
+    assert replaced["shards_reused"] == first["shards_written"]
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
 
 def _stage_error(src, dest, env=None, extra=()):
     proc = run_cli("stage", "--source", src, "--dest", dest, *extra, env=env, check=False,

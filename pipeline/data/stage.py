@@ -82,12 +82,17 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say) -> St
     manifest_uri = join(dest_uri, MANIFEST)
     replaced = False
     if storage.exists(manifest_uri):
-        old = read_manifest(storage, dest_uri)
-        if old.plan != digest:
+        try:
+            old_plan = read_manifest(storage, dest_uri).plan
+        except UserError:
             if not cfg.replace:
-                raise UserError(f"{dest_uri} already holds a dataset staged from "
-                                f"{old.source.get('uri')} with other images or settings; stage "
-                                "into a new --dest, or pass --replace to stage this one again")
+                raise
+            old_plan = None   # unreadable: replaced like any other dataset
+        if old_plan != digest:
+            old = f"a dataset staged from {read_source(storage, manifest_uri)}"
+            if not cfg.replace:
+                raise UserError(f"{dest_uri} already holds {old} with other images or settings; "
+                                "stage into a new --dest, or pass --replace to stage this one again")
             say(f"[stage] {dest_uri} holds a dataset of other images or settings: staging it again")
             storage.delete(manifest_uri)   # from here on the dest is not a staged dataset
             replaced = True
@@ -136,6 +141,16 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say) -> St
         _remove_leftovers(storage, dest_uri, {p.path for p in plans} | {p.record_path for p in plans})
     result.manifest = manifest
     return result
+
+
+def read_source(storage: Storage, manifest_uri: str) -> str:
+    """Where an existing manifest says its dataset came from (for a message), whatever its shape."""
+    import json
+
+    try:
+        return json.loads(storage.read_bytes(manifest_uri)).get("source", {}).get("uri", "elsewhere")
+    except (ValueError, AttributeError):
+        return "elsewhere"
 
 
 def _remove_leftovers(storage: Storage, dest_uri: str, keep: set[str]) -> None:
