@@ -268,10 +268,14 @@ def test_clear_errors(train_data, ray_cluster, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF   # same size: only the sha256, checked as a node fetches it, can tell
     shard.write_bytes(bytes(data))
-    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "corrupt",
-                                            extra=["--max-failures", -1])[1:]), env=env)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "corrupt", extra=[
+        "--max-failures", -1, "--tracking-uri", tracking, "--experiment", "refused"])[1:]), env=env)
     assert "does not match the manifest" in msg and "re-run `pipeline stage`" in msg
     assert len(events(tmp_path / "runs" / "corrupt", "failure")) == 1   # not retried
+    client = mlflow_client(tracking)   # the refused run is not left RUNNING
+    runs = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
 
     (corrupt / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
     msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "gone")[1:]), env=env)
