@@ -303,7 +303,15 @@ class NodeSplit:
                 def fetch(i):
                     return self._stream_into(fd, missing[i], layouts[i], targets[i])
 
-                parts = list(ThreadPoolExecutor(FETCH_THREADS).map(fetch, range(len(missing))))
+                # every fetch has stopped writing to fd before it is closed or truncated
+                with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                    futures = [pool.submit(fetch, i) for i in range(len(missing))]
+                    try:
+                        parts = [f.result() for f in futures]
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        raise
                 metas, tables = [old_meta], [old_table]
                 count = len(old_meta)
                 for shard, lay, target, (head, tail) in zip(missing, layouts, targets, parts):
