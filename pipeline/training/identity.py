@@ -35,7 +35,14 @@ def claim(storage: Storage, folder: str, file: str, what: str, settings: dict,
         for rel, _ in list(storage.list(folder)):
             storage.delete(join(folder, rel))
     elif storage.exists(uri):
-        old = json.loads(storage.read_bytes(uri))
+        try:
+            old = json.loads(storage.read_bytes(uri))
+        except ValueError:
+            old = None
+        if not isinstance(old, dict):   # a garbled record proves nothing: not a resume
+            raise UserError(f"{uri} cannot be read, so {what} cannot be resumed; choose another "
+                            "--name, or restart it (--restart, or restart: true in the config "
+                            "file) to discard it and start over")
         diff = differences(old, settings)
         if diff:
             shown = "; ".join(diff[:4]) + (f" (and {len(diff) - 4} more)" if len(diff) > 4 else "")
