@@ -1,7 +1,6 @@
 """The MLflow model registry against a real `mlflow server`: promotion, races, ties, errors."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path

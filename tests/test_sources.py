@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.data.source import discover, known_class_names, parse_devkit
-from pipeline.data.sample_data import class_image, generate, jpeg_bytes, pick_classes
+from pipeline.data.sample_data import generate, pick_classes
 from pipeline.data.shards import plan_shards
 from pipeline.config import WriterSettings
 from pipeline.storage import Storage

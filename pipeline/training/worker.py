@@ -327,6 +327,7 @@ def train_worker(config: dict) -> None:
         # wrapping up): say the final result again, so whoever waits for reports (Tune) gets it.
         ray.train.report(final_metrics)
         return
+
     def first_step():
         if rank == 0:
             events.add("first_step")

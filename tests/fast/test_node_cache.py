@@ -1,7 +1,6 @@
 """A node's file: only its shards, fetched straight into place, checked, grown in place."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
