@@ -41,7 +41,9 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | 
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise BadImage(f"decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:   # its message names a BytesIO's address
+        raise BadImage("not an image (no image format recognised)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"not an image ({exc})") from exc
     fmt = im.format or "image"
     w, h = im.size
