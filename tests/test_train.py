@@ -124,6 +124,9 @@ def test_worker_then_driver_killed_and_rerun_with_same_name_resumes(train_data, 
     assert causes[0] == "worker failure" and "driver restarted" in causes
     assert all(r["seconds"] > 0 for r in out["recoveries"])
     print("recoveries:", json.dumps(out["recoveries"]))
+    again = run_cli(*args[1:], env={"RAY_ADDRESS": ray_cluster.address})
+    assert "finished earlier" in again.stdout   # reported, not run (or counted) once more
+    assert last_json(again.stdout) == out
 
     # The same name with another recipe or other data is not this run: refused, not resumed
     # (nor handed back as if it were the new one).

@@ -22,7 +22,7 @@ from . import checkpoint, identity
 from .cluster import check_capacity, check_data, choose_placement, node_memory, worker_bundle
 from .failures import FailureRecorder, Trainer, explain_failure
 from .run_events import RunEvents
-from .summary import build_summary, write_summary
+from .summary import build_summary, finished_summary, write_summary
 from .worker import FAULT_ENV, train_worker
 
 
@@ -87,15 +87,23 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
             raise UserError(f"{cfg.data}: the staged dataset has no '{split}' split")
     storage.check_bucket(cfg.run.storage)
     check_data(storage, cfg, manifest)
+    data_sha = manifest_sha256(storage, cfg.data)
+    run_dir = join(cfg.run.storage, cfg.run.name)
+    done = None if cfg.run.restart else finished_summary(storage, run_dir)
+    if done is not None:
+        # the same settings (claim refuses others): the run is done, not restarted
+        identity.claim(storage, run_dir, "run.json", f"run {cfg.run.name}",
+                       identity.defining(cfg, data_sha), restart=False)
+        say(f"[{label}] run {cfg.run.name} finished earlier: its result follows (--restart "
+            "trains it again)")
+        return done
     init_state = checkpoint.init_weights(storage, cfg.run.init_from, tracking and tracking.uri) \
         if cfg.run.init_from else None
-    data_sha = manifest_sha256(storage, cfg.data)
     connect(ray_address)
     nodes = check_capacity(cfg, say)
     memory = node_memory()
     placement, why = choose_placement(cfg, manifest, nodes, memory)
     say(f"[{label}] data placement: {placement} ({why})")
-    run_dir = join(cfg.run.storage, cfg.run.name)
     identity.claim(storage, run_dir, "run.json", f"run {cfg.run.name}",
                    identity.defining(cfg, data_sha), cfg.run.restart)
     events = RunEvents(storage, run_dir)
