@@ -24,3 +24,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         # The dashboard serves the State API that Ray Train's controller polls; keep it, on loopback.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", **kwargs)
+
+
+def pin_cluster_address() -> None:
+    """Name the connected cluster in RAY_ADDRESS, and have Ray Train pass it from the driver to
+    its controller (whose child actors inherit it).
+
+    Ray Train's placement-group cleaner asks the State API whether the run's controller still
+    lives. Without RAY_ADDRESS it asks the Ray instance started last on this machine
+    (/tmp/ray/ray_current_cluster), which may be another one: there the controller is unknown,
+    so the cleaner removes the healthy run's placement group and its workers are killed (a
+    restart nothing explains, or a failed run with max_failures 0)."""
+    import ray
+    from ray.train.v2._internal import constants
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")

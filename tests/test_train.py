@@ -286,10 +286,20 @@ def test_clear_errors(train_data, ray_cluster, tmp_path):
 
 def test_mlflow_outage_mid_training_costs_no_restart(train_data, ray_cluster, tmp_path):
     """The tracking server goes away after epoch 1 and comes back two epochs later on the same
-    port: training goes on, and every epoch's metrics reach MLflow."""
+    port: training goes on, and every epoch's metrics reach MLflow. Meanwhile another Ray
+    instance, started later on this machine, is up (a user's own `ray start`): Ray Train's
+    placement-group cleaner must ask this run's cluster whether its controller lives, not that
+    one. Asking that one, it finds no such controller and either quits at once (no safety net
+    for the run) or, when the answer comes after the workers started, removes their placement
+    group: the healthy run's workers are killed."""
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
     from pipeline.ops.local_services import free_ports, start_mlflow
 
     port = free_ports(1)[0]
+    other = Cluster(initialize_head=True,   # now /tmp/ray/ray_current_cluster names it
+                    head_node_args={"num_cpus": 0, "dashboard_port": free_ports(1)[0]})
     server = start_mlflow(tmp_path / "mlflow", port=port)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, MLFLOW_TRACKING_URI=server.uri)
     args = train_args(train_data, tmp_path, "outage", epochs=4, extra=["--experiment", "outage"])
@@ -299,6 +309,9 @@ def test_mlflow_outage_mid_training_costs_no_restart(train_data, ray_cluster, tm
     try:
         wait_for_checkpoint(run_dir, 1, proc)
         server.stop()
+        cleaners = list_actors(address=ray_cluster.address, filters=[
+            ("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        assert len(cleaners) == 1, cleaners   # this run's, still watching its controller
         wait_for_checkpoint(run_dir, 3, proc)
         server = start_mlflow(tmp_path / "mlflow", port=port)
         stdout, _ = proc.communicate(timeout=600)
@@ -316,6 +329,7 @@ def test_mlflow_outage_mid_training_costs_no_restart(train_data, ray_cluster, tm
         if proc.poll() is None:
             proc.kill()
         server.stop()
+        other.shutdown()
 
 
 def test_loader_sees_every_sample_once_per_epoch_across_workers(tmp_path):

@@ -15,7 +15,7 @@ import uuid
 from ..config import TrainConfig
 from ..data.manifest import manifest_sha256, read_manifest
 from ..errors import UserError
-from ..ray_connect import connect
+from ..ray_connect import connect, pin_cluster_address
 from ..storage import Storage, absolute, join
 from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
 from . import checkpoint, identity
@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
     init_state = checkpoint.init_weights(storage, cfg.run.init_from, tracking and tracking.uri) \
         if cfg.run.init_from else None
     connect(ray_address)
+    pin_cluster_address()
     nodes = check_capacity(cfg, say)
     memory = node_memory()
     placement, why = choose_placement(cfg, manifest, nodes, memory)
