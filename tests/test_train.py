@@ -192,8 +192,18 @@ def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp
         new = [r for r in later if r["node"] not in first]
         assert new and stayed, records
         assert all(r["shards_fetched"] == 0 for r in stayed)            # kept what it had
+        # the replacement fetched its share and no more; together they hold the whole split
+        # (val has one shard: it may stay on the node that stayed, leaving the new one none)
         bound = share_bound(train_data, split, 2)
-        assert all(0 < r["bytes_downloaded"] <= bound for r in new)     # only its share
+        arrived = {}
+        for r in new:   # what each new node fetched when it joined
+            arrived.setdefault(r["node"], r)
+        assert all(r["bytes_downloaded"] == r["share_bytes"] <= bound for r in arrived.values()), new
+        final = {r["node"]: r for r in later}   # each node's last record
+        assert sum(r["shards"] for r in final.values()) == \
+            len(manifest_of(train_data)["splits"][split]["shards"])
+        if split == "train":
+            assert all(r["bytes_downloaded"] > 0 for r in arrived.values())
     print("recoveries:", json.dumps(out["recoveries"]))
 
 
