@@ -346,7 +346,7 @@ class Storage:
                               multipart_chunksize=max(threshold // 2, 5 * 1024 * 1024))
 
     def upload_file(self, local_path: str | Path, uri: str) -> None:
-        """Put a local file at uri; multipart above MULTIPART_THRESHOLD bytes."""
+        """Put a local file at uri; multipart above the settings' multipart_threshold bytes."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             self._s3_call(uri, self.client.upload_file, str(local_path), bucket, key,
@@ -373,7 +373,7 @@ class Storage:
             tmp.unlink(missing_ok=True)
             raise
 
-    # -- conditional writes (leases) -------------------------------------------------------------
+    # -- conditional writes (data/lease.py) --------------------------------------------------
     def version(self, uri: str) -> str | None:
         """What changes whenever the file is written (ETag on S3); None when it does not exist."""
         if not is_s3(uri):
@@ -518,99 +518,3 @@ class RangeReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class Lease:
-    """An object that says who is writing under a prefix, until when; renewed while the work
-    goes on, removed at the end. Taken with a conditional write, so of two runs starting at
-    once exactly one gets it; a lease whose holder died expires after `ttl` seconds."""
-
-    def __init__(self, storage: Storage, uri: str, what: str, ttl: float = 60.0):
-        import getpass
-        import socket
-        import uuid
-
-        self.storage, self.uri, self.what, self.ttl = storage, uri, what, ttl
-        self.host = socket.gethostname()
-        self.owner = f"{getpass.getuser()}@{self.host} pid {os.getpid()}"
-        self.token = uuid.uuid4().hex
-        self.version: str | None = None
-        self._stop = None
-
-    def _body(self) -> bytes:
-        import json
-        import time
-
-        now = time.time()
-        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(),
-                           "token": self.token, "what": self.what,
-                           "renewed": now, "expires": now + self.ttl}).encode()
-
-    def _current(self) -> tuple[dict | None, str | None]:
-        import json
-
-        version = self.storage.version(self.uri)
-        if version is None:
-            return None, None
-        try:
-            return json.loads(self.storage.read_bytes(self.uri)), version
-        except (ValueError, UserError):
-            return {}, version
-
-    def acquire(self) -> "Lease":
-        import threading
-        import time
-
-        for _ in range(3):
-            held, version = self._current()
-            if held and held.get("expires", 0) > time.time() and not self._holder_gone(held):
-                when = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
-                raise UserError(f"{self.uri.rsplit('/', 1)[0]} is being written by another run "
-                                f"({held.get('what')}, {held.get('owner')}), whose lease runs until "
-                                f"{when} and is renewed while it works; wait for it to finish "
-                                f"(or, if that run is gone, until the lease expires)")
-            if self.storage.write_if(self.uri, self._body(), version):
-                self.version = self.storage.version(self.uri)
-                break
-        else:
-            raise UserError(f"{self.uri}: another run keeps taking the lease; try again later")
-        self._stop = threading.Event()
-        threading.Thread(target=self._renew, daemon=True).start()
-        return self
-
-    def _holder_gone(self, held: dict) -> bool:
-        """A holder on this machine whose process is gone (killed): no need to wait it out."""
-        if held.get("host") != self.host or not held.get("pid"):
-            return False
-        try:
-            os.kill(int(held["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                if self.storage.write_if(self.uri, self._body(), self.version):
-                    self.version = self.storage.version(self.uri)
-            except Exception:   # noqa: BLE001 - an outage: the next renewal tries again
-                pass
-
-    def release(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-        held, _ = self._current()
-        if held and held.get("token") == self.token:
-            self.storage.delete(self.uri)
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        try:
-            self.release()
-        except UserError:
-            pass   # the lease expires by itself
-        return False

@@ -9,7 +9,8 @@ from ..config import StageConfig
 from ..errors import UserError
 from ..progress import Progress
 from ..ray_connect import connect
-from ..storage import Lease, Storage, absolute, join
+from ..storage import Storage, absolute, join
+from .lease import Lease
 from .manifest import MANIFEST, ClassInfo, ShardInfo, ShardManifest, SplitInfo, read_manifest
 from .shards import PARTS, plan_digest, plan_shards, stage_shard
 from .source import discover

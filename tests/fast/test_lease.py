@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from pipeline.data.lease import Lease
 from pipeline.errors import UserError
-from pipeline.storage import Lease, Storage
+from pipeline.storage import Storage
 
 
 def test_a_second_writer_is_refused_until_the_first_releases(tmp_path):

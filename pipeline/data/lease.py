@@ -1,0 +1,108 @@
+"""One writer per destination: a lease object under it that names the run writing there.
+
+Built on Storage's conditional writes (S3 If-None-Match / If-Match; a folder lock locally), so of
+two stages started at once into one destination exactly one goes on; the other is refused in one
+line naming the holder.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import UserError
+from ..storage import Storage
+
+
+class Lease:
+    """An object that says who is writing under a prefix, until when; renewed while the work
+    goes on, removed at the end. Taken with a conditional write, so of two runs starting at
+    once exactly one gets it; a lease whose holder died expires after `ttl` seconds."""
+
+    def __init__(self, storage: Storage, uri: str, what: str, ttl: float = 60.0):
+        import getpass
+        import socket
+        import uuid
+
+        self.storage, self.uri, self.what, self.ttl = storage, uri, what, ttl
+        self.host = socket.gethostname()
+        self.owner = f"{getpass.getuser()}@{self.host} pid {os.getpid()}"
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self._stop = None
+
+    def _body(self) -> bytes:
+        import json
+        import time
+
+        now = time.time()
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(),
+                           "token": self.token, "what": self.what,
+                           "renewed": now, "expires": now + self.ttl}).encode()
+
+    def _current(self) -> tuple[dict | None, str | None]:
+        import json
+
+        version = self.storage.version(self.uri)
+        if version is None:
+            return None, None
+        try:
+            return json.loads(self.storage.read_bytes(self.uri)), version
+        except (ValueError, UserError):
+            return {}, version
+
+    def acquire(self) -> "Lease":
+        import threading
+        import time
+
+        for _ in range(3):
+            held, version = self._current()
+            if held and held.get("expires", 0) > time.time() and not self._holder_gone(held):
+                when = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
+                raise UserError(f"{self.uri.rsplit('/', 1)[0]} is being written by another run "
+                                f"({held.get('what')}, {held.get('owner')}), whose lease runs until "
+                                f"{when} and is renewed while it works; wait for it to finish "
+                                f"(or, if that run is gone, until the lease expires)")
+            if self.storage.write_if(self.uri, self._body(), version):
+                self.version = self.storage.version(self.uri)
+                break
+        else:
+            raise UserError(f"{self.uri}: another run keeps taking the lease; try again later")
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, daemon=True).start()
+        return self
+
+    def _holder_gone(self, held: dict) -> bool:
+        """A holder on this machine whose process is gone (killed): no need to wait it out."""
+        if held.get("host") != self.host or not held.get("pid"):
+            return False
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self.storage.write_if(self.uri, self._body(), self.version):
+                    self.version = self.storage.version(self.uri)
+            except Exception:   # noqa: BLE001 - an outage: the next renewal tries again
+                pass
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        held, _ = self._current()
+        if held and held.get("token") == self.token:
+            self.storage.delete(self.uri)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        try:
+            self.release()
+        except UserError:
+            pass   # the lease expires by itself
+        return False
