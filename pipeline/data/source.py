@@ -134,9 +134,10 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
     if layout not in LAYOUTS:
         raise UserError(f"--layout: unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
 
+    listing = listing_digest(entries)
     if layout == "tars":
         source = _discover_tars(storage, uri, files, splits, parallel_map)
-        source.listing = listing_digest(entries)
+        source.listing = listing
         return source
     root = KAGGLE_ROOT + "/" if layout == "kaggle" else ""
     train = _class_folders(files, root + "train/")
@@ -144,7 +145,7 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
         raise UserError(f"source {uri}: no {root}train/<wnid>/ folders found for layout '{layout}'")
     classes = sorted({img.wnid for img in train})
     names = _names(storage, uri, files)
-    source = Source(uri, layout, classes, names, {}, listing=listing_digest(entries))
+    source = Source(uri, layout, classes, names, {}, listing=listing)
     if "train" in splits:
         source.splits["train"] = train
     if "val" in splits:

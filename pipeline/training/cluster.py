@@ -59,12 +59,12 @@ def node_memory() -> dict[str, float]:
 def choose_placement(cfg: TrainConfig, manifest, nodes: list[str], memory: dict[str, float]) -> tuple[str, str]:
     """(global | node, why): auto is global while the whole dataset fits in memory_fraction of
     the memory of every node that can run a worker."""
+    if cfg.loader.placement != "auto":
+        return cfg.loader.placement, "as set"
     size = sum(s.bytes for split in manifest.splits.values() for s in split.shards)
     fraction = cfg.loader.memory_fraction
     smallest = min((memory.get(n, 0) for n in nodes), default=0)
     gb = lambda b: f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"   # noqa: E731
-    if cfg.loader.placement != "auto":
-        return cfg.loader.placement, "as set"
     if smallest and size <= fraction * smallest:
         return "global", (f"the {gb(size)} dataset fits in {fraction:g} of every node's "
                           f"{gb(smallest)} of memory: every node holds all of it")
