@@ -187,21 +187,26 @@ def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp
     first = {r["node"] for r in records[:4]}
     assert len(first) == 2
     for split in ("train", "val"):
+        before = {r["node"]: r for r in records[:4] if r["split"] == split}
         later = [r for r in records[4:] if r["split"] == split]
         stayed = [r for r in later if r["node"] in first]
         new = [r for r in later if r["node"] not in first]
         assert new and stayed, records
-        assert all(r["shards_fetched"] == 0 for r in stayed)            # kept what it had
+        # the node that stayed kept every shard it had; only what the removed node held was
+        # fetched again (val has one shard: if the removed node held it, the node that stayed
+        # or the new one fetches it; if the node that stayed held it, the new one gets none)
+        assert all(r["shards_kept"] >= before[r["node"]]["shards"] for r in stayed), records
+        total = len(manifest_of(train_data)["splits"][split]["shards"])
+        kept = sum(before[n]["shards"] for n in {r["node"] for r in stayed})
+        assert sum(r["shards_fetched"] for r in later) == total - kept, records
         # the replacement fetched its share and no more; together they hold the whole split
-        # (val has one shard: it may stay on the node that stayed, leaving the new one none)
         bound = share_bound(train_data, split, 2)
         arrived = {}
         for r in new:   # what each new node fetched when it joined
             arrived.setdefault(r["node"], r)
         assert all(r["bytes_downloaded"] == r["share_bytes"] <= bound for r in arrived.values()), new
         final = {r["node"]: r for r in later}   # each node's last record
-        assert sum(r["shards"] for r in final.values()) == \
-            len(manifest_of(train_data)["splits"][split]["shards"])
+        assert sum(r["shards"] for r in final.values()) == total
         if split == "train":
             assert all(r["bytes_downloaded"] > 0 for r in arrived.values())
     print("recoveries:", json.dumps(out["recoveries"]))

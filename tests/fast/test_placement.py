@@ -43,6 +43,22 @@ def test_the_same_inputs_give_the_same_assignment_and_nodes_keep_what_they_hold(
     assert set(grown["a"]) < set(one["a"]) and not set(grown["a"]) & set(grown["b"])
 
 
+def test_a_split_of_one_shard_lost_with_its_node_goes_to_whichever_node_ranks_it_first():
+    """Like val on small data: the node that stayed may be the one that fetches it."""
+    one = SHARDS[:1]
+    fetched_by = set()
+    for seed in range(40):
+        before = assign(one, {"a": 1, "b": 1}, seed=seed)
+        lost = next(n for n, paths in before.items() if paths)
+        stayed = "b" if lost == "a" else "a"
+        after = assign(one, {stayed: 1, "d": 1}, seed=seed, holdings={stayed: set()})
+        assert sorted(p for paths in after.values() for p in paths) == [one[0].path]
+        fetched_by.add("stayed" if after[stayed] else "new")
+        # where it is, it stays
+        assert assign(one, {lost: 1, "d": 1}, seed=seed, holdings={lost: {one[0].path}})[lost]
+    assert fetched_by == {"stayed", "new"}
+
+
 def test_every_rank_reads_the_same_count_and_no_sample_twice_per_epoch():
     rank_nodes = ["a", "a", "b", "c"]          # node a runs two workers
     plans = [plan_reads(SHARDS, "node", rank_nodes, r, seed=3) for r in range(4)]
