@@ -85,10 +85,31 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                if self.storage.write_if(self.uri, self._body(), self.version):
-                    self.version = self.storage.version(self.uri)
+                if not self.renew():
+                    return   # taken over: confirm() says so before anything is marked done
             except Exception:   # noqa: BLE001 - an outage: the next renewal tries again
                 pass
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another run has taken it (it expired while this run
+        could not reach the storage, and the other run started before it could renew)."""
+        if self.storage.write_if(self.uri, self._body(), self.version):
+            self.version = self.storage.version(self.uri)
+            return True
+        return False
+
+    def confirm(self) -> None:
+        """Still ours? Called right before the work is marked complete: a run that lost its
+        lease must not report (or mark) as done what another run may have overwritten."""
+        if self.renew():
+            return
+        held, _ = self._current()
+        holder = f" ({held.get('what')}, {held.get('owner')})" if held else ""
+        raise UserError(f"{self.uri.rsplit('/', 1)[0]}: this run lost its lease to another "
+                        f"run{holder} while it could not renew it (the storage was unreachable "
+                        f"for over {self.ttl:.0f} s); what it wrote there may have been "
+                        "overwritten, so it was not marked complete: once no other run writes "
+                        "there, run the same command again")
 
     def release(self) -> None:
         if self._stop is not None:

@@ -63,14 +63,14 @@ def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | N
         raise UserError("--dest must differ from --source")
     storage = storage or Storage()
     storage.check_bucket(dest_uri)
-    with Lease(storage, join(dest_uri, LEASE), f"pipeline stage from {source_uri}"):
+    with Lease(storage, join(dest_uri, LEASE), f"pipeline stage from {source_uri}") as lease:
         aborted = storage.abort_uploads(dest_uri)
         if aborted:
             say(f"[stage] aborted {aborted} unfinished upload(s) an interrupted run left in {dest_uri}")
-        return _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say)
+        return _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease)
 
 
-def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say) -> StageResult:
+def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease) -> StageResult:
     import ray
 
     started = time.monotonic()
@@ -136,6 +136,7 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say) -> St
 
     manifest = build_manifest(source, plans, results, writer, digest, cfg.shard_size)
     text = manifest.to_json().encode()
+    lease.confirm()
     if not storage.exists(manifest_uri) or storage.read_bytes(manifest_uri) != text:
         storage.write_bytes(manifest_uri, text)   # last: only now is the dataset staged
     if replaced:

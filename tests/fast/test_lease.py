@@ -32,3 +32,19 @@ def test_the_lease_of_a_killed_process_on_this_machine_is_taken_over(tmp_path):
     lease.acquire()
     assert json.loads(uri.read_text())["what"] == "stage B"
     lease.release()
+
+
+def test_a_run_whose_lease_was_taken_over_is_told_before_it_marks_anything_done(tmp_path):
+    """Its lease expired while the storage was unreachable and another run took it: the first
+    run must not go on to write its manifest as if the destination were still its own."""
+    uri = tmp_path / ".lease.json"
+    first = Lease(Storage(), str(uri), "stage A").acquire()
+    first._stop.set()   # its renewals stop, as in an outage
+    first.confirm()     # still its own: renewed
+    uri.write_text(json.dumps({**json.loads(uri.read_text()), "expires": 0}))   # it expired
+    second = Lease(Storage(), str(uri), "stage B").acquire()
+    with pytest.raises(UserError, match=r"lost its lease to another run \(stage B"):
+        first.confirm()
+    first.release()   # leaves the other run's lease alone
+    assert json.loads(uri.read_text())["what"] == "stage B"
+    second.release()
