@@ -340,6 +340,12 @@ def train_worker(config: dict) -> None:
         on_first = None
         metrics = {"epoch": epoch + 1, **train_stats, **trainer.val_loop(),
                    "world_size": world, "resumed_from_epoch": resumed_from}
+        # Said and logged before the report: a trial that ASHA stops is ended inside report(),
+        # and its last epoch would otherwise reach neither the terminal nor MLflow.
+        if mlflow is not None:
+            mlflow.log(metrics, epoch + 1)
+        if rank == 0:
+            print(epoch_line(label, epoch + 1, epochs, metrics), flush=True)
         last = epoch + 1 == epochs
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:
             rng = trainer.rng_states()
@@ -353,7 +359,3 @@ def train_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=name)
         else:
             ray.train.report(metrics)
-        if mlflow is not None:
-            mlflow.log(metrics, epoch + 1)
-        if rank == 0:
-            print(epoch_line(label, epoch + 1, epochs, metrics), flush=True)
