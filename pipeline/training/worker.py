@@ -251,7 +251,7 @@ def gather(value, world: int) -> list:
 def epoch_line(label: str, epoch: int, epochs: int, m: dict) -> str:
     return (f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.3f} "
             f"top1 {m['val_top1']:.3f} top5 {m['val_top5']:.3f} {m['images_per_s']:.0f} img/s "
-            f"res {m['resolution']} lr {m['lr']:.4f}")
+            f"res {m['resolution']} lr {m['lr']:.3g}")
 
 
 def train_worker(config: dict) -> None:
