@@ -128,10 +128,12 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
                 if bar:
                     bar.update(shards=1, files=len(p.images))
     finally:
+        # Shard tasks still in flight are not cancelled: ray.cancel racing a task that is just
+        # finishing crashes the driver inside Ray (task_manager.cc "Tried to complete task that
+        # was not pending"), turning Ctrl-C or a clear error into exit 1. They end with this
+        # command's Ray job, and a shard is only ever taken for written once its record is.
         if bar:
             bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
     result.seconds = time.monotonic() - started
 
     manifest = build_manifest(source, plans, results, writer, digest, cfg.shard_size)
