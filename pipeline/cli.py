@@ -433,10 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
 def main(argv=None) -> int:
     # MLflow draws a progress bar for every artifact download; on a terminal that is noise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -450,7 +446,7 @@ def main(argv=None) -> int:
         path = console.quiet(cmd.name, log_dir)
         console.say(f"[pipeline] Ray's and Tune's own output goes to {path} (--verbose shows it here)")
     if threading_main():
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGTERM, Interrupted.raise_for)
     try:
         return cmd.run(args)
     except UserError as exc:
@@ -458,8 +454,8 @@ def main(argv=None) -> int:
         cause = getattr(exc, "cause", None)
         console.warn(f"error: {cause if isinstance(cause, UserError) else exc}")
         return 2
-    except (Interrupted, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Interrupted)
+        signum = Interrupted.signal_of(exc)
         console.warn(f"interrupted ({signal.Signals(signum).name}): {cmd.resume_hint}")
         return 128 + signum
     except Exception as exc:   # a bug: one line here, the traceback where it can be read

@@ -11,6 +11,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     address="local" is explicit on purpose: a bare ray.init() would also pick up a stale
     /tmp/ray/ray_current_cluster left by a crashed run and fail in confusing ways.
     """
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
@@ -18,12 +21,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True,
                   configure_logging=True)
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     if address and address != "local":
         ray.init(address=address, **kwargs)
     else:
         # The dashboard serves the State API that Ray Train's controller polls; keep it, on loopback.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", **kwargs)
+    # Ray's core worker installs a SIGTERM handler that aborts the process (exit 134, a stack
+    # dump): the command's own handling (exit 143, how to resume) is put back.
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def pin_cluster_address() -> None:

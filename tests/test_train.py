@@ -140,29 +140,59 @@ def test_worker_then_driver_killed_and_rerun_with_same_name_resumes(train_data, 
     assert "data" in other and "copy-of-data" in other
 
 
+def test_sigterm_stops_the_run_in_words_and_the_same_command_resumes(train_data, ray_cluster,
+                                                                       tmp_path):
+    """What a scheduler (or Kubernetes) sends: the driver ends at once with 143 and one line,
+    not Ray's abort (exit 134 and a stack dump); the same command then resumes the run."""
+    args = [PIPELINE, *map(str, train_args(train_data, tmp_path, "term", epochs=2, workers="1"))]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_for_checkpoint(tmp_path / "runs" / "term", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "interrupted (SIGTERM): re-run with the same --name to resume" in stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr
+    out = last_json(run_cli(*args[1:], env={"RAY_ADDRESS": ray_cluster.address}).stdout)
+    assert out["epochs_completed"] == 2 and out["resumed_from_epoch"] == 1
+
+
 def train_while(cluster, args, run_dir: Path, change, until=None) -> dict | None:
     """Train on `cluster` in a subprocess; once epoch 1 is checkpointed, `change(cluster)`.
     Without `until`, wait for the run to end and return its JSON summary; with it, wait for
-    until() and stop the run. The cluster is changed from this (main) thread: Ray's cluster
-    utilities hang when driven from a side thread."""
+    until() and stop the run with Ctrl-C, which must end it at once, saying how to resume.
+    The cluster is changed from this (main) thread: Ray's cluster utilities hang when driven
+    from a side thread."""
     env = dict(os.environ, RAY_ADDRESS=cluster.address)
     proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
         wait_for_checkpoint(run_dir, 1, proc)
         change(cluster)
         if until is not None:
             wait_for(until, "the event the test waits for", 400, proc)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+            for reader in readers:
+                reader.join(timeout=10)
+            said = [line for line in errors if line.startswith("interrupted")]
+            assert said == ["interrupted (SIGINT): re-run with the same --name to resume from "
+                            "its last checkpoint\n"], errors[-20:]
             return None
         assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    reader.join(timeout=10)
+    for reader in readers:
+        reader.join(timeout=10)
     return last_json("".join(lines))
 
 
@@ -215,7 +245,7 @@ def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp
 def test_elastic_training_grows_when_a_node_joins(train_data, s3, node_caches, tmp_path):
     """Starts with one worker, grows to two when a node joins; the data re-balances: the first
     node keeps what it has, the new one fetches only its share. The test waits for the events it
-    asserts (the restart at world size 2 and its first step), then stops the run."""
+    asserts (the restart at world size 2 and its first step), then stops the run with Ctrl-C."""
     run_dir = tmp_path / "runs" / "elastic"
 
     def grown():

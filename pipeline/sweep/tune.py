@@ -109,7 +109,7 @@ class _StopOnSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            raise Interrupted(signum)   # Tune has not started yet
+            Interrupted.raise_for(signum)   # Tune has not started yet
         os.kill(os.getpid(), signal.SIGUSR1)   # Tune's graceful stop
 
     def __exit__(self, *exc):

@@ -64,8 +64,13 @@ class StopOnUserError(FailurePolicy):
 
 class Trainer(TorchTrainer):
     """TorchTrainer with the StopOnUserError policy (Ray 2.60 builds the policy in fit() and
-    hands it to the controller here)."""
+    hands it to the controller here), and without Ray's Ctrl-C handler."""
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = StopOnUserError(kwargs["failure_policy"])
         return super()._initialize_and_run_controller(**kwargs)
+
+    def _register_sigint_handler(self, controller):
+        """Ray's handler aborts the controller and then ends the process with exit 1 and not a
+        word. Ctrl-C stays the command's: it exits 130 saying how to resume (cli.main), and
+        the driver's exit ends the controller and its workers, which it owns."""
