@@ -144,7 +144,7 @@ def test_sigterm_stops_the_run_in_words_and_the_same_command_resumes(train_data,
                                                                        tmp_path):
     """What a scheduler (or Kubernetes) sends: the driver ends at once with 143 and one line,
     not Ray's abort (exit 134 and a stack dump); the same command then resumes the run."""
-    args = [PIPELINE, *map(str, train_args(train_data, tmp_path, "term", epochs=2, workers="1"))]
+    args = [PIPELINE, *map(str, train_args(train_data, tmp_path, "term", epochs=3, workers="1"))]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -155,7 +155,8 @@ def test_sigterm_stops_the_run_in_words_and_the_same_command_resumes(train_data,
     assert "interrupted (SIGTERM): re-run with the same --name to resume" in stderr
     assert "Traceback" not in stderr and "SIGTERM received" not in stderr
     out = last_json(run_cli(*args[1:], env={"RAY_ADDRESS": ray_cluster.address}).stdout)
-    assert out["epochs_completed"] == 2 and out["resumed_from_epoch"] == 1
+    # from epoch 1's checkpoint, or epoch 2's if that one was written before the signal came
+    assert out["epochs_completed"] == 3 and out["resumed_from_epoch"] in (1, 2), out
 
 
 def train_while(cluster, args, run_dir: Path, change, until=None) -> dict | None:
