@@ -61,8 +61,7 @@ class Lease:
                                 f"({held.get('what')}, {held.get('owner')}), whose lease runs until "
                                 f"{when} and is renewed while it works; wait for it to finish "
                                 f"(or, if that run is gone, until the lease expires)")
-            if self.storage.write_if(self.uri, self._body(), version):
-                self.version = self.storage.version(self.uri)
+            if self._write_over(version):
                 break
         else:
             raise UserError(f"{self.uri}: another run keeps taking the lease; try again later")
@@ -90,13 +89,17 @@ class Lease:
             except Exception:   # noqa: BLE001 - an outage: the next renewal tries again
                 pass
 
-    def renew(self) -> bool:
-        """Extend the lease; False when another run has taken it (it expired while this run
-        could not reach the storage, and the other run started before it could renew)."""
-        if self.storage.write_if(self.uri, self._body(), self.version):
+    def _write_over(self, version: str | None) -> bool:
+        """Write this run's lease if the object is still at `version`; False if it is not."""
+        if self.storage.write_if(self.uri, self._body(), version):
             self.version = self.storage.version(self.uri)
             return True
         return False
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another run has taken it (it expired while this run
+        could not reach the storage, and the other run started before it could renew)."""
+        return self._write_over(self.version)
 
     def confirm(self) -> None:
         """Still ours? Called right before the work is marked complete: a run that lost its
