@@ -23,10 +23,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
-
     @classmethod
     def raise_for(cls, signum: int, frame=None):
         """A signal handler: remember the signal and stop the work."""
