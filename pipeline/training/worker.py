@@ -29,13 +29,24 @@ FAULT_ENV = "PIPELINE_INJECT_FAULT"
 
 
 def maybe_inject_fault(epoch: int, step: int, rank: int) -> None:
+    """"EPOCH:STEP:MARKER" fires once; "EPOCH:STEP:MARKER:N" fires the first N times rank 0
+    reaches that step (each restart from an earlier checkpoint reaches it again): the marker
+    holds one line per fault."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or rank != 0:
         return
     want_epoch, want_step, marker = spec.split(":", 2)
-    if (epoch, step) == (int(want_epoch), int(want_step)) and not os.path.exists(marker):
-        Path(marker).write_text(f"{time.time()}\n")
-        raise RuntimeError(f"injected fault at epoch {epoch} step {step}")
+    times = 1
+    if marker.rpartition(":")[2].isdigit():
+        marker, _, count = marker.rpartition(":")
+        times = int(count)
+    if (epoch, step) != (int(want_epoch), int(want_step)):
+        return
+    fired = len(Path(marker).read_text().splitlines()) if os.path.exists(marker) else 0
+    if fired < times:
+        with open(marker, "a") as f:
+            f.write(f"{time.time()}\n")
+        raise RuntimeError(f"injected fault {fired + 1} of {times} at epoch {epoch} step {step}")
 
 
 # -- the schedules, as plain functions of the recipe ----------------------------------------------
