@@ -1,0 +1,146 @@
+"""Does the largest training step of a run fit in device memory? Asked before epoch 1.
+
+Progressive resizing reaches max_res only near the end, so a batch too large for the device
+would otherwise fail after most of the paid epochs (and then be retried). One synthetic
+forward/backward at the run's largest resolution and per-worker batch, holding what the run
+also holds then (the loaders' device buffers, SGD's momentum), shows it in the first minute.
+
+Cheap and leaves no trace: the bare model (no DDP collectives, so each rank probes alone), no
+optimizer step (the momentum it would create is stood in for by empty tensors of its size),
+BatchNorm's buffers copied and put back, gradients put back as they were.
+Imports only torch, for `pipeline bench gpu`.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+# Set to anything: the probe runs even on CPU and the model's forward raises out-of-memory
+# (for the tests: no device here can run out on demand).
+OOM_FAULT_ENV = "PIPELINE_INJECT_OOM"
+# FFCV keeps batches_ahead + 2 (default 3 + 2) batches of each loader on the device
+FFCV_DEVICE_BATCHES = 5
+
+
+def loader_device_bytes(batch: int, res: int, image_itemsize: int) -> int:
+    """Device memory of an FFCV GPU pipeline's buffers: uint8 images after ToDevice plus the
+    normalised copy, for every batch FFCV keeps ahead."""
+    return FFCV_DEVICE_BATCHES * batch * 3 * res * res * (1 + image_itemsize)
+
+
+def try_step(model: nn.Module, loss_fn, device: torch.device, *, batch: int, res: int,
+             num_classes: int, autocast: torch.dtype | None = None,
+             image_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+             optimizer: torch.optim.Optimizer | None = None, reserve_bytes: int = 0) -> None:
+    """One forward/backward of a random batch, as the train loop does it; raises
+    torch.OutOfMemoryError when it does not fit. Weights, gradients, BatchNorm statistics and
+    optimizer state are as before afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    hook = None
+    if os.environ.get(OOM_FAULT_ENV):
+        def out_of_memory(module, args):
+            raise torch.OutOfMemoryError(f"injected by {OOM_FAULT_ENV}: CUDA out of memory")
+        hook = model.register_forward_pre_hook(out_of_memory)
+    held = []
+    try:
+        if reserve_bytes:
+            held.append(torch.empty(reserve_bytes, dtype=torch.uint8, device=device))
+        if optimizer is not None:   # SGD's momentum buffers, once the first step has made them
+            held += [torch.empty_like(p) for group in optimizer.param_groups
+                     for p in group["params"] if group.get("momentum")
+                     and "momentum_buffer" not in optimizer.state.get(p, {})]
+        for p, _ in grads:
+            p.grad = None
+        images = torch.randn(batch, 3, res, res, device=device).to(image_dtype)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, num_classes, (batch,), device=device)
+        model.train()
+        cast = nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
+        with cast:
+            loss = loss_fn(model(images), target)
+        loss.backward()
+    finally:
+        held = images = target = loss = None   # noqa: F841 (freed before empty_cache)
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, g in grads:
+            p.grad = g
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def device_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{device.type} (no device memory figure)"
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} with {props.total_memory / 2**30:.1f} GiB"
+
+
+def probe_largest_step(model: nn.Module, loss_fn, device: torch.device, *, batch: int, res: int,
+                       num_classes: int, autocast: torch.dtype | None = None,
+                       image_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                       optimizer: torch.optim.Optimizer | None = None, reserve_bytes: int = 0,
+                       reached_at: str = "") -> str | None:
+    """try_step at the run's largest step: None where there is nothing to probe (CPU), a line
+    saying what fits, or a UserError (never retried) naming batch, resolution, device memory
+    and what to lower."""
+    if device.type != "cuda" and not os.environ.get(OOM_FAULT_ENV):
+        return None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    oom = None
+    try:
+        try_step(model, loss_fn, device, batch=batch, res=res, num_classes=num_classes,
+                 autocast=autocast, image_dtype=image_dtype, channels_last=channels_last,
+                 optimizer=optimizer, reserve_bytes=reserve_bytes)
+    except torch.OutOfMemoryError as exc:
+        oom = str(exc).splitlines()[0][:120] if str(exc) else "out of memory"
+    if oom is not None:
+        when = f" (the run reaches {res} px {reached_at})" if reached_at else ""
+        raise UserError(f"batch {batch} per worker at {res} px does not fit in {device_memory(device)}"
+                        f"{when}: out of memory in a trial step before epoch 1 ({oom}); lower "
+                        f"--batch-size (e.g. {max(1, batch // 2)}) or --max-res, or use GPUs with "
+                        "more memory")
+    if device.type != "cuda":
+        return f"batch {batch} at {res} px: probed"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return f"batch {batch} at {res} px fits ({peak:.1f} GiB peak of {device_memory(device)})"
+
+
+def check_largest_step(trainer) -> str | None:
+    """probe_largest_step for an ImageNetTrainer: its largest resolution, its per-worker batch,
+    and the device memory its loaders and optimizer will hold by then."""
+    r = trainer.recipe
+    epoch, res = max(((e, trainer.get_resolution(e)) for e in range(r.epochs)),
+                     key=lambda p: (p[1], -p[0]))
+    itemsize = torch.empty((), dtype=_torch_dtype(trainer.precision.loader_dtype)).element_size()
+    reserve = 0
+    if trainer.device.type == "cuda":
+        reserve = (loader_device_bytes(r.batch_size, res, itemsize)
+                   + loader_device_bytes(r.val_batch_size, r.val_res, itemsize))
+        if trainer.model is not trainer.bare_model:   # DDP's gradient buckets
+            reserve += sum(p.numel() * p.element_size() for p in trainer.bare_model.parameters())
+    return probe_largest_step(
+        trainer.bare_model, trainer.loss, trainer.device, batch=r.batch_size, res=res,
+        num_classes=len(trainer.classes), autocast=trainer.precision.autocast,
+        image_dtype=_torch_dtype(trainer.precision.loader_dtype),
+        channels_last=trainer.device.type == "cuda" and r.channels_last,
+        optimizer=trainer.optimizer, reserve_bytes=reserve, reached_at=f"at epoch {epoch + 1}")
+
+
+def _torch_dtype(numpy_dtype) -> torch.dtype:
+    import numpy as np
+
+    return torch.from_numpy(np.zeros(1, dtype=numpy_dtype)).dtype
