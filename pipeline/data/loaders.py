@@ -87,22 +87,26 @@ def scaled_crop_decoder(output_size: tuple[int, int]):
     return ScaledRandomResizedCrop(output_size)
 
 
-def _image_tail(device: torch.device):
+def _image_tail(device: torch.device, dtype=np.float32):
+    """Normalisation into `dtype`, the loader dtype of the run's precision (precision.py): half
+    images into a float32 model without autocast fail at the first convolution."""
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     if device.type == "cuda":
         return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
+                NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, dtype)]
     # On CPU, NormalizeImage must come before ToTorchImage: the other order makes FFCV's graph
     # grouping spin forever (seen with ffcv 1.0.2).
-    return [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
+    return [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, dtype), ToTensor(), ToTorchImage()]
 
 
 def _label_pipeline(device: torch.device):
     from ffcv.fields.decoders import IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    # (B, 1) -> (B,): only the label's own dimension; Squeeze() would also drop the batch
+    # dimension of a last batch of one image, leaving a 0-d target
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]
     if device.type == "cuda":
         ops.append(ToDevice(device, non_blocking=True))
     return ops
@@ -174,7 +178,7 @@ class TrainLoader:
     """
 
     def __init__(self, reads: Reads, batch_size: int, res: int, threads: int, seed: int,
-                 device: torch.device):
+                 device: torch.device, dtype=np.float32):
         from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip
 
@@ -191,7 +195,7 @@ class TrainLoader:
             order=share_order(reads.indices, reads.part, reads.parts, reads.per_rank, seed,
                               reads.stream),
             drop_last=True, seed=seed, indices=reads.indices, os_cache=not reads.stream,
-            pipelines={"image": [self.decoder, RandomHorizontalFlip(), *_image_tail(device)],
+            pipelines={"image": [self.decoder, RandomHorizontalFlip(), *_image_tail(device, dtype)],
                        "label": _label_pipeline(device)})
 
     def epoch(self, epoch: int, res: int):
@@ -207,7 +211,8 @@ class TrainLoader:
         return len(self.loader)
 
 
-def val_loader(reads: Reads, batch_size: int, res: int, threads: int, device: torch.device):
+def val_loader(reads: Reads, batch_size: int, res: int, threads: int, device: torch.device,
+               dtype=np.float32):
     """A rank's part of the validation split, in order, nothing dropped or repeated (nothing at
     all for a rank whose node holds no validation shard)."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
@@ -219,5 +224,5 @@ def val_loader(reads: Reads, batch_size: int, res: int, threads: int, device: to
                   order=OrderOption.SEQUENTIAL, drop_last=False, indices=reads.in_order(),
                   os_cache=not reads.stream,
                   pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=CROP_RATIO),
-                                       *_image_tail(device)],
+                                       *_image_tail(device, dtype)],
                              "label": _label_pipeline(device)})

@@ -22,6 +22,7 @@ from ..config import Recipe, TrainConfig
 from ..data.loaders import Reads, TrainLoader, val_loader
 from . import checkpoint
 from .model import build_model, load_weights, param_groups
+from .precision import device_precision
 
 # "EPOCH:STEP:MARKER": the worker of rank 0 raises once at that step (the marker file records that
 # it did). The tests use it for a failure a real run can't be made to produce on demand.
@@ -83,6 +84,8 @@ class ImageNetTrainer:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.rank, self.world, self.device = rank, world, device
         self.global_batch = self.recipe.batch_size * world
+        # autocast, loader dtype and scaler decided together (a UserError for bf16 without it)
+        self.precision = device_precision(self.recipe.precision, device)
         self.train_loader = self.create_train_loader(train)
         self.val_loader = self.create_val_loader(val)
         # FFCV sets torch's thread count when it builds a Loader; set ours afterwards.
@@ -91,7 +94,7 @@ class ImageNetTrainer:
         self.optimizer = self.create_optimizer()
         self.loss = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
         self.autocast_dtype = self.get_autocast_dtype()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
 
     # -- the recipe -----------------------------------------------------------------------------
     def get_lr(self, epoch: float) -> float:
@@ -101,12 +104,7 @@ class ImageNetTrainer:
         return resolution_at(self.recipe, epoch)
 
     def get_autocast_dtype(self):
-        p = self.recipe.precision
-        if self.device.type != "cuda" or p == "fp32":
-            return None
-        if p == "fp16" or (p == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
+        return self.precision.autocast
 
     def create_model(self) -> nn.Module:
         """The model on this worker's device, wrapped for DDP (by Ray's prepare_model unless the
@@ -131,11 +129,13 @@ class ImageNetTrainer:
 
     def create_train_loader(self, reads: Reads) -> TrainLoader:
         return TrainLoader(reads, self.recipe.batch_size, self.get_resolution(0),
-                           self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device)
+                           self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device,
+                           self.precision.loader_dtype)
 
     def create_val_loader(self, reads: Reads):
         return val_loader(reads, self.recipe.val_batch_size, self.recipe.val_res,
-                          self.cfg.resources.cpus_per_worker, self.device)
+                          self.cfg.resources.cpus_per_worker, self.device,
+                          self.precision.loader_dtype)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -276,6 +276,7 @@ def train_worker(config: dict) -> None:
     from ..data.manifest import ShardManifest
     from ..data.node_cache import NodeSplit, node_reads
     from ..tracking import RunLog
+    from .probe import check_largest_step
     from .run_events import RunEvents
 
     cfg = TrainConfig(**config["train"])
@@ -312,6 +313,11 @@ def train_worker(config: dict) -> None:
     trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device)
     trainer.lineage = config.get("lineage", {})
     label = config.get("label", "train")
+    if rank == 0:
+        print(f"[{label}] precision: {trainer.precision.description}", flush=True)
+    fits = check_largest_step(trainer)   # an OOM at max_res ends the run now, not at epoch 13
+    if rank == 0 and fits:
+        print(f"[{label}] memory: {fits}", flush=True)
     mlflow = None
     if rank == 0 and config.get("tracking"):   # only rank 0 talks to MLflow
         t = config["tracking"]
