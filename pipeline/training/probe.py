@@ -92,11 +92,11 @@ def probe_largest_step(model: nn.Module, loss_fn, device: torch.device, *, batch
                        num_classes: int, autocast: torch.dtype | None = None,
                        image_dtype: torch.dtype = torch.float32, channels_last: bool = False,
                        optimizer: torch.optim.Optimizer | None = None, reserve_bytes: int = 0,
-                       reached_at: str = "") -> str | None:
-    """try_step at the run's largest step: None where there is nothing to probe (CPU), a line
-    saying what fits, or a UserError (never retried) naming batch, resolution, device memory
-    and what to lower."""
-    if device.type != "cuda" and not os.environ.get(OOM_FAULT_ENV):
+                       reached_at: str = "", on_cpu: bool = False) -> str | None:
+    """try_step at the run's largest step: None where there is nothing to probe (CPU, unless
+    on_cpu or the fault is injected), a line saying what fits, or a UserError (never retried)
+    naming batch, resolution, device memory and what to lower."""
+    if device.type != "cuda" and not (on_cpu or os.environ.get(OOM_FAULT_ENV)):
         return None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

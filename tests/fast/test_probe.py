@@ -1,0 +1,101 @@
+"""The memory probe before epoch 1: an out-of-memory step ends the run in words, and a probe
+that fits leaves no trace (weights, BatchNorm statistics, optimizer state, gradients)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.training.model import build_model, param_groups
+from pipeline.training.probe import (OOM_FAULT_ENV, loader_device_bytes, probe_largest_step,
+                                     try_step)
+
+CPU = torch.device("cpu")
+
+
+def _state(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()},
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+
+def _same(a, b):
+    weights_a, opt_a, grads_a = a
+    weights_b, opt_b, grads_b = b
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:   # running_mean/var and num_batches_tracked included
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        for name in opt_a[k]:
+            assert torch.equal(opt_a[k][name], opt_b[k][name])
+    assert [g is None for g in grads_a] == [g is None for g in grads_b]
+    assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b) if x is not None)
+
+
+@pytest.mark.parametrize("after_a_step", [False, True])
+def test_a_probe_that_fits_leaves_no_trace(after_a_step):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5, blurpool=True)
+    opt = torch.optim.SGD(param_groups(model, 5e-5), lr=0.1, momentum=0.9)
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    if after_a_step:   # momentum buffers exist, gradients are held
+        model.train()
+        loss(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+        opt.step()
+    model.eval()
+    before = _state(model, opt)
+    line = probe_largest_step(model, loss, CPU, batch=4, res=48, num_classes=5, optimizer=opt,
+                              reserve_bytes=1024, on_cpu=True)
+    assert line == "batch 4 at 48 px: probed"
+    _same(before, _state(model, opt))
+    assert not model.training   # its mode as it was
+
+
+class OutOfMemory(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        self.bn(x)   # BN statistics move before the failure...
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_is_one_line_naming_batch_resolution_memory_and_what_to_lower():
+    model = OutOfMemory()
+    before = model.bn.running_mean.clone()
+    with pytest.raises(UserError) as err:
+        probe_largest_step(model, nn.CrossEntropyLoss(), CPU, batch=512, res=192,
+                           num_classes=1000, reserve_bytes=0, reached_at="at epoch 13",
+                           on_cpu=True)
+    line = str(err.value)
+    assert "\n" not in line
+    for words in ("batch 512", "192 px", "at epoch 13", "cpu", "--batch-size (e.g. 256)",
+                  "--max-res", "before epoch 1"):
+        assert words in line, words
+    assert torch.equal(model.bn.running_mean, before)   # ...and are put back
+
+
+def test_skipped_on_cpu_unless_asked_and_the_env_injects_an_oom(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    assert probe_largest_step(model, nn.CrossEntropyLoss(), CPU, batch=2, res=8,
+                              num_classes=2) is None
+    monkeypatch.setenv(OOM_FAULT_ENV, "1")
+    with pytest.raises(UserError, match="batch 2 per worker at 8 px does not fit"):
+        probe_largest_step(model, nn.CrossEntropyLoss(), CPU, batch=2, res=8, num_classes=2)
+    monkeypatch.delenv(OOM_FAULT_ENV)
+    model(torch.zeros(1, 3, 8, 8))   # the injecting hook is gone
+
+
+def test_try_step_raises_the_oom_itself():
+    with pytest.raises(torch.OutOfMemoryError):
+        try_step(OutOfMemory(), nn.CrossEntropyLoss(), CPU, batch=1, res=4, num_classes=2)
+
+
+def test_loader_device_buffers():
+    # five batches ahead, uint8 after ToDevice + fp16 normalised: 512 x 192 px ~ 0.79 GiB
+    assert loader_device_bytes(512, 192, 2) == 5 * 512 * 3 * 192 * 192 * 3
+    assert loader_device_bytes(256, 256, 4) == 5 * 256 * 3 * 256 * 256 * 5
