@@ -76,7 +76,9 @@ class Recipe(Settings):
     lr: float = Field(0.1, gt=0, description="peak learning rate per 256 images; scaled by the "
                                               "global batch (batch_size x workers / 256)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(5e-5, ge=0, description="weight decay (never on BatchNorm or biases)")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay (never on BatchNorm or "
+                                "biases); when not given, the arch's: 1e-4 for resnet50/101/152, "
+                                "5e-5 for resnet18/34 (FFCV's rn50 and rn18 configs)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
     lr_schedule: Literal["triangular", "step", "cosine"] = Field(
         "triangular", description="triangular: linear up to lr_peak_epoch, then down to 0")
@@ -94,6 +96,19 @@ class Recipe(Settings):
         "auto", description="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     channels_last: bool = Field(True, description="channels-last memory format on GPU")
     seed: int = Field(0, description="seed for weights and data order")
+
+    @model_validator(mode="after")
+    def _arch_weight_decay(self):
+        if "weight_decay" not in self.model_fields_set:
+            # set without marking it given: a copy with another arch takes that arch's value
+            self.__dict__["weight_decay"] = default_weight_decay(self.arch)
+        return self
+
+
+def default_weight_decay(arch: str) -> float:
+    """FFCV's recipe: 1e-4 in its ResNet-50 configs, 5e-5 in its ResNet-18 ones; the deeper
+    ResNets as ResNet-50, ResNet-34 as ResNet-18."""
+    return 1e-4 if arch in ("resnet50", "resnet101", "resnet152") else 5e-5
 
 
 class LoaderSettings(Settings):
@@ -123,7 +138,8 @@ class Resources(Settings):
 
     num_workers: str = Field("1", description="training workers: N, or MIN-MAX for elastic "
                                               "training that grows as nodes join")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (0: train on CPU)")
+    gpus_per_worker: int = Field(0, description="GPUs per worker: 1, or 0 to train on CPU (one "
+                                                "GPU per worker: for more GPUs, more workers)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (also its loader threads)")
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="extra custom Ray resources per worker, e.g. "
@@ -146,6 +162,20 @@ class Resources(Settings):
         if int(lo) < 1 or (hi and int(hi) < int(lo)):
             raise ValueError("needs 1 <= MIN <= MAX")
         return v
+
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _one_gpu_per_worker(cls, v):
+        """A worker drives one GPU (one DDP rank): 2 would bill a GPU that idles, a fraction
+        would put two ranks on one GPU."""
+        try:
+            ok = float(v) in (0, 1)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("a worker uses one GPU: set 1 (or 0 for CPU) and raise num_workers "
+                             "to use more GPUs, e.g. num_workers 8 for 8 GPUs")
+        return int(float(v))
 
     @property
     def workers_range(self) -> tuple[int, int]:
@@ -204,7 +234,10 @@ class TrainConfig(Settings):
 
     def replace(self, **values: Any) -> "TrainConfig":
         """A copy with some settings changed, by their own names; validated."""
-        return build(TrainConfig, {**self.flat(), **values}, "settings")
+        current = self.flat()
+        if "weight_decay" not in self.explicit():
+            del current["weight_decay"]   # the arch's, and `values` may change the arch
+        return build(TrainConfig, {**current, **values}, "settings")
 
     @property
     def workers_range(self) -> tuple[int, int]:

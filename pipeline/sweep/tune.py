@@ -185,8 +185,11 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
                                       "parent_run_id": tracking.parent_run_id}}
     # A trial only drives its TorchTrainer: keep it on the head node, holding no CPU that a
     # training worker needs (Tune refuses an all-zero request, hence the sliver of the head).
+    trial_base = base.model_dump()
+    if "weight_decay" not in explicit:
+        del trial_base["recipe"]["weight_decay"]   # each trial takes its own arch's value
     trainable = rtune.with_resources(
-        rtune.with_parameters(trial_fn, base=base.model_dump(), sweep=sweep),
+        rtune.with_parameters(trial_fn, base=trial_base, sweep=sweep),
         {"CPU": 0, "node:__internal_head__": 0.01})
     storage_path, filesystem = storage.for_ray(base.run.storage)
     tune_path = join(storage_path, settings.name) if filesystem is None else f"{storage_path}/{settings.name}"
