@@ -38,14 +38,71 @@ def build_model(arch: str, num_classes: int, blurpool: bool = True) -> nn.Module
     return model
 
 
+HEAD = "fc."
+# blocks per stage and block type -> torchvision ResNet
+RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
+           ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
+           ("bottleneck", (3, 8, 36, 3)): "resnet152"}
+
+
+def arch_of(state: dict) -> str | None:
+    """The torchvision ResNet a state dict comes from, by its blocks per stage and block type."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
+                   for i in range(1, 5))
+    kind = "bottleneck" if any(k.startswith("layer1.0.conv3.") for k in state) else "basic"
+    return RESNETS.get((kind, blocks))
+
+
+def has_blurpool(state: dict) -> bool:
+    return any(k.endswith(".blur_filter") for k in state)
+
+
+def weights_mismatch(model: nn.Module, state: dict) -> str | None:
+    """Why `state` cannot initialise `model` beyond its head, in one line; None when it can.
+    Only the head (fc.*) may differ, and only in its class count."""
+    ours = model.state_dict()
+    head_swap = any(k.startswith(HEAD) and k in state and state[k].shape != v.shape
+                    for k, v in ours.items())
+    skip = (lambda k: k.startswith(HEAD)) if head_swap else (lambda k: False)
+    wrong = [f"missing {k}" for k in ours if k not in state and not skip(k)]
+    wrong += [f"unexpected {k}" for k in state if k not in ours and not skip(k)]
+    wrong += [f"{k} is {tuple(state[k].shape)} not {tuple(v.shape)}" for k, v in ours.items()
+              if k in state and not skip(k) and state[k].shape != v.shape]
+    if not wrong:
+        return None
+    theirs_arch, our_arch = arch_of(state), arch_of(ours)
+    why = []
+    if theirs_arch != our_arch:
+        why.append(f"the checkpoint is a {theirs_arch or 'model of another kind'} and this run "
+                   f"trains a {our_arch}: set --arch {theirs_arch}" if theirs_arch else
+                   f"the checkpoint is not a torchvision ResNet like this run's {our_arch}")
+    if has_blurpool(state) != has_blurpool(ours):
+        why.append("the checkpoint was trained with blurpool on and this run has it off: drop "
+                   "--no-blurpool (blurpool: true)" if has_blurpool(state) else
+                   "the checkpoint was trained without blurpool and this run has it on: add "
+                   "--no-blurpool (blurpool: false)")
+    shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    return (f"--init-from: {len(wrong)} weights of the checkpoint do not fit this model beyond "
+            f"its head ({shown}); " + ("; ".join(why) or "it was trained with other model "
+                                       "settings (arch, blurpool)") + "; nothing was loaded")
+
+
 def load_weights(model: nn.Module, state: dict) -> str:
-    """Load a state dict; when the class count differs, keep the new head (fine-tuning).
+    """Load a state dict to fine-tune from; when the class count differs, keep the new head.
+    Anything else that differs is refused (a UserError naming the keys and the setting that
+    explains them): non-strict loading would leave those layers at random weights.
     Returns what was done, for the log."""
+    from ..errors import UserError
+
+    why = weights_mismatch(model, state)
+    if why is not None:
+        raise UserError(why)
     head_w = model.fc.weight
     theirs = state.get("fc.weight")
     if theirs is not None and theirs.shape != head_w.shape:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model.load_state_dict(state, strict=False)
+        body = {k: v for k, v in state.items() if not k.startswith(HEAD)}
+        result = model.load_state_dict(body, strict=False)
+        assert all(k.startswith(HEAD) for k in result.missing_keys) and not result.unexpected_keys
         return f"loaded all but the head ({theirs.shape[0]} -> {head_w.shape[0]} classes)"
     model.load_state_dict(state)
     return "loaded all weights"
