@@ -21,6 +21,7 @@ from ..config import TrainConfig, TuneSettings
 from ..errors import Interrupted, UserError
 from ..storage import Storage, absolute, join
 from ..tracking import Tracking
+from .asha import asha_max_t, asha_rungs
 from .search_space import MIN_STEPS, describe, load_search_space, plan_space, to_param_space
 
 RESULT_FILE = "result.json"
@@ -123,7 +124,6 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
          flags: set[str] = frozenset(), explicit: set[str] | None = None,
          min_val_top1: float | None = None, say=print, say_when_new: bool = True) -> dict:
     from ray import tune as rtune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ..data.manifest import manifest_sha256, read_manifest
     from ..ray_connect import connect
@@ -200,12 +200,7 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
     else:
         if resume and say_when_new:
             say(f"[tune] nothing to resume at {sweep_dir}: starting the sweep")
-        # max_t one past the last epoch: ASHA never stops a trial that is about to finish anyway,
-        # so finishing trials end their own train() (summary, MLflow status) instead of being cut.
-        scheduler = (ASHAScheduler(time_attr="epoch", grace_period=settings.grace_period,
-                                   max_t=base.recipe.epochs + 1,
-                                   reduction_factor=settings.reduction_factor)
-                     if settings.scheduler == "asha" else FIFOScheduler())
+        scheduler = make_scheduler(settings, base.recipe.epochs, say)
         search_alg = None
         if settings.search == "optuna":
             try:
@@ -256,6 +251,26 @@ def tune(base: TrainConfig, settings: TuneSettings, storage: Storage | None = No
         out.update(model_name=reg["model_name"], model_version=reg["model_version"],
                    alias=reg["alias"], promotion=reg)
     return out
+
+
+def make_scheduler(settings: TuneSettings, epochs: int, say=print):
+    """ASHA with every rung before the last epoch (asha.py), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if settings.scheduler != "asha":
+        return FIFOScheduler()
+    max_t = asha_max_t(epochs, settings.grace_period, settings.reduction_factor)
+    if max_t is None:
+        say(f"[tune] ASHA: grace_period {settings.grace_period} leaves no epoch before the last "
+            f"of {epochs} to compare trials at: no trial is stopped early")
+        return FIFOScheduler()
+    rungs = asha_rungs(max_t, settings.grace_period, settings.reduction_factor)
+    say(f"[tune] ASHA compares trials after epoch {', '.join(f'{r:g}' for r in rungs)} of "
+        f"{epochs}; below the cut-off a trial is stopped there")
+    # stop_last_trials=False: max_t is below the last epoch, and Ray would otherwise stop every
+    # trial when it reaches max_t
+    return ASHAScheduler(time_attr="epoch", grace_period=settings.grace_period, max_t=max_t,
+                         reduction_factor=settings.reduction_factor, stop_last_trials=False)
 
 
 def _gate(num_classes: int, min_val_top1: float | None) -> float:
