@@ -400,6 +400,45 @@ def cmd_submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
 
+# -- spot-agent ---------------------------------------------------------------------------------
+def _spot_agent_args(p):
+    from .ops import spot_agent as sa
+
+    p.add_argument("--endpoint", default=sa.DEFAULT_ENDPOINT,
+                   help=f"instance metadata server, host[:port] or URL (default: {sa.DEFAULT_ENDPOINT})")
+    p.add_argument("--provider", choices=sa.PROVIDERS, default="auto",
+                   help="whose metadata server (default: auto, AWS then GCP)")
+    p.add_argument("--poll-seconds", type=float, default=sa.DEFAULT_POLL_SECONDS,
+                   help=f"seconds between polls (default: {sa.DEFAULT_POLL_SECONDS:g})")
+    p.add_argument("--node-id", help="the Ray node to drain (default: the one whose raylet runs "
+                                     "on this machine)")
+    p.add_argument("--address", help="the cluster's GCS, HEAD:6379 (default: RAY_ADDRESS, else "
+                                     "the cluster `ray start` joined here)")
+    p.add_argument("--drain-now", type=float, metavar="SECONDS",
+                   help="drain this node at once with a deadline SECONDS away and wait until it "
+                        "has drained (a Kubernetes preStop hook)")
+
+
+@command("spot-agent", "drain this Ray node when the cloud sends a preemption notice",
+         "Run on each worker node: polls the instance metadata (AWS spot/instance-action, GCP "
+         "instance/preempted) every few seconds and, on a notice, drains this Ray node with the "
+         "notice's deadline, so training checkpoints before the node goes.",
+         arguments=_spot_agent_args,
+         resume_hint="this node is no longer watched; start `pipeline spot-agent` again")
+def cmd_spot_agent(args) -> int:
+    import re
+
+    from .ops.spot_agent import main as spot_agent
+
+    if args.node_id and not re.fullmatch(r"[0-9a-f]{56}", args.node_id):
+        raise UserError(f"--node-id {args.node_id}: not a Ray node id (56 hex digits, as "
+                        "`ray list nodes` shows)")
+    if not args.poll_seconds > 0 or (args.drain_now is not None and not args.drain_now > 0):
+        raise UserError("--poll-seconds and --drain-now take a number of seconds above 0")
+    return spot_agent(args.endpoint, args.provider, args.poll_seconds, args.node_id,
+                      args.address, drain_now_seconds=args.drain_now, say=console.say)
+
+
 # -- bench --------------------------------------------------------------------------------------
 def _bench_args(p):
     from . import bench

@@ -179,3 +179,86 @@ def ray_head(s3):
         yield types.SimpleNamespace(address=f"http://127.0.0.1:{dash}", temp=temp)
     finally:
         stop_pid(proc.pid, timeout=60)
+
+
+@pytest.fixture
+def fake_metadata():
+    """A cloud VM's instance metadata server on 127.0.0.1 (the real one is link-local on a VM):
+    AWS IMDSv2 (token, then spot/instance-action: 404 until a notice) or GCP (instance/preempted,
+    Metadata-Flavor: Google). Set `.provider`, `.notice` (the body a notice answers), `.fail` (an
+    HTTP status, 'hang' past the client's timeout, or 'close' without an answer), `.revoke()`
+    the tokens given; `.requests` lists what came in."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class State:
+        provider, notice, fail, hang_seconds = "aws", None, None, 3.0
+
+        def __init__(self):
+            self.requests, self.tokens = [], set()
+
+        def revoke(self):
+            self.tokens.clear()
+
+    state = State()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, status, body="", headers=()):
+            data = body.encode()
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def handle_one(self, method):
+            state.requests.append((method, self.path, {k.lower(): v for k, v in self.headers.items()}))
+            if state.fail == "hang":
+                time.sleep(state.hang_seconds)
+            if state.fail in ("hang", "close"):
+                self.close_connection = True
+                return
+            if state.fail:
+                return self.answer(state.fail, "error")
+            if state.provider == "aws":
+                if method == "PUT" and self.path == "/latest/api/token":
+                    if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                        return self.answer(400)
+                    token = f"token-{len(state.requests)}"
+                    state.tokens.add(token)
+                    return self.answer(200, token)
+                if method == "GET" and self.path == "/latest/meta-data/spot/instance-action":
+                    if self.headers.get("X-aws-ec2-metadata-token") not in state.tokens:
+                        return self.answer(401)
+                    return self.answer(404) if state.notice is None else self.answer(200, state.notice)
+                return self.answer(404)
+            flavor = [("Metadata-Flavor", "Google")]
+            if self.headers.get("Metadata-Flavor") != "Google":
+                return self.answer(403, headers=flavor)
+            if method == "GET" and self.path == "/computeMetadata/v1/":
+                return self.answer(200, "instance/\nproject/\n", flavor)
+            if method == "GET" and self.path == "/computeMetadata/v1/instance/preempted":
+                return self.answer(200, state.notice or "FALSE", flavor)
+            return self.answer(404, headers=flavor)
+
+        def do_GET(self):
+            self.handle_one("GET")
+
+        def do_PUT(self):
+            self.handle_one("PUT")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
