@@ -191,6 +191,30 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
            if t["node_config"]["InstanceType"].startswith(("g5.", "p4d."))]
     assert gpu and all("Arn" in t["node_config"]["IamInstanceProfile"] for t in gpu)
     assert "aws_access_key" not in (ROOT / "cluster.yaml").read_text().lower()
+    # the node cache on the instance-store NVMe: the script runs on each host before Docker
+    # starts, from where file_mounts land there; the container binds the folder it mounts
+    from ray.autoscaler.sdk import get_docker_host_mount_location
+
+    from pipeline.cli import build_parser
+
+    script = "infra/aws/node-cache-disk.sh"
+    project = next(r for r, local in cfg["file_mounts"].items() if (ROOT / local).resolve() == ROOT)
+    host = get_docker_host_mount_location(cfg["cluster_name"])
+    assert f"bash {host}{project}/{script}" in " ".join(cfg["initialization_commands"])
+    mount = re.search(r"^CACHE_MOUNT=\$\{CACHE_MOUNT:-(\S+)\}$", (ROOT / script).read_text(), re.M)[1]
+    options = cfg["docker"]["run_options"]
+    assert f"-v {mount}:{mount}" in options and f"-e PIPELINE_CACHE_DIR={mount}" in options
+    assert "PIPELINE_CACHE_DIR=/tmp" not in (ROOT / "cluster.yaml").read_text()
+    # every worker starts the spot agent after `ray start`, in the background for the node's
+    # life, with flags it takes; the (on-demand) head does not
+    starts = cfg["worker_start_ray_commands"]
+    after_ray = starts[next(i for i, c in enumerate(starts) if "ray start" in c) + 1:]
+    agent = [c for c in after_ray if "pipeline spot-agent" in c]
+    assert len(agent) == 1 and agent[0].endswith("&") and "nohup" in agent[0], agent
+    assert ">> /tmp/spot-agent.log 2>&1 < /dev/null" in agent[0]
+    args = build_parser().parse_args(agent[0].split("pipeline ", 1)[1].split(">>")[0].split())
+    assert args.command == "spot-agent" and args.address == "$RAY_HEAD_IP:6379"
+    assert "spot-agent" not in " ".join(cfg["head_start_ray_commands"])
 
 
 def test_kuberay_job_runs_the_pipeline_entrypoint():
@@ -215,6 +239,24 @@ def test_kuberay_job_runs_the_pipeline_entrypoint():
                   for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
     assert all(c["envFrom"][0]["secretRef"]["name"] == "pipeline-s3" for c in containers)
     assert "AWS_" not in job["spec"]["runtimeEnvYAML"]
+    # a worker pod being deleted (a spot node's notice) drains its Ray node first and waits for
+    # training to move off it; the grace period outlasts that and the drain on SIGTERM after it
+    from pipeline.cli import build_parser
+
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        worker = pod["containers"][0]
+        hook = worker["lifecycle"]["preStop"]["exec"]["command"]
+        args = build_parser().parse_args(hook[1:])
+        assert hook[0] == "pipeline" and args.command == "spot-agent" and args.drain_now > 0
+        env = {e["name"]: e["value"] for e in worker["env"]}
+        sigterm_drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert pod["terminationGracePeriodSeconds"] > args.drain_now + sigterm_drain > args.drain_now
+        # the node cache: the pod's volume on the node's local disk, room asked for it
+        cache = next(m["mountPath"] for m in worker["volumeMounts"] if m["name"] == "cache")
+        assert env["PIPELINE_CACHE_DIR"] == cache
+        assert f"PIPELINE_CACHE_DIR: {cache}" in job["spec"]["runtimeEnvYAML"]
+        assert "ephemeral-storage" in worker["resources"]["requests"]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
