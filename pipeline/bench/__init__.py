@@ -1,7 +1,8 @@
 """`pipeline bench ...`: benchmarks that print a table and one JSON line (never timed tests).
 
 stage (staging throughput), loader (our loader vs bare FFCV vs ImageFolder), train (Ray Train vs
-torchrun), data (what each node downloads and holds).
+torchrun), data (what each node downloads and holds), gpu (one GPU with the recipe: img/s, every
+precision, the largest batch; needs neither ffcv nor Ray).
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def add_parsers(sub, s3_flags) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each")
     p.add_argument("--gpus-per-worker", type=float, default=0)
 
+    from . import gpu
+
+    gpu.add_arguments(sub.add_parser(
+        "gpu", help="img/s per GPU at 160/192 px, one step in every precision, the largest batch",
+        description=gpu.__doc__))
+
     from . import data
 
     data.add_arguments(sub.add_parser(
@@ -60,6 +67,10 @@ def add_parsers(sub, s3_flags) -> None:
 
 
 def main(args) -> int:
+    if args.bench == "gpu":   # before the others' imports: it runs where only torch is
+        from .gpu import run as bench_gpu
+
+        return bench_gpu(args)
     from .data import run as bench_data
     from .stage import bench_stage
 

@@ -87,6 +87,14 @@ def weights_mismatch(model: nn.Module, state: dict) -> str | None:
                                        "settings (arch, blurpool)") + "; nothing was loaded")
 
 
+def init_state_mismatch(arch: str, num_classes: int, blurpool: bool, state: dict) -> str | None:
+    """weights_mismatch for the model a run will build, without building its weights (meta
+    device): for the driver, to refuse before any worker starts."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes, blurpool)
+    return weights_mismatch(model, state)
+
+
 def load_weights(model: nn.Module, state: dict) -> str:
     """Load a state dict to fine-tune from; when the class count differs, keep the new head.
     Anything else that differs is refused (a UserError naming the keys and the setting that

@@ -69,3 +69,12 @@ def test_the_same_model_loads_all_weights():
 def test_arch_of_a_state_dict(arch):
     assert arch_of(build_model(arch, 3, False).state_dict()) == arch
     assert arch_of({"conv.weight": torch.zeros(1)}) is None
+
+
+def test_the_driver_can_check_without_building_weights():
+    from pipeline.training.model import init_state_mismatch
+
+    state = _model(classes=10, blurpool=True).state_dict()
+    assert init_state_mismatch("resnet18", 4, True, state) is None   # a head swap
+    assert "drop --no-blurpool" in init_state_mismatch("resnet18", 4, False, state)
+    assert "set --arch resnet18" in init_state_mismatch("resnet50", 10, True, state)
