@@ -408,6 +408,8 @@ def drain_now(node: RayNode, seconds: float, say: Callable[[str], None] = print,
         except Exception:  # noqa: BLE001 - GCS gone: nothing left to wait for
             return 0
         time.sleep(0.5)
+    if wait:
+        say(f"[spot] Ray node {node_id} still had work at its deadline")
     return 0
 
 
@@ -415,7 +417,10 @@ def hold_lock(node_id: str | None) -> int | None:
     """One agent per node: re-running the start commands (`ray up` again) starts another one,
     which sees the first and leaves. Returns the other agent's PID when one holds the lock."""
     name = f"pipeline-spot-agent{'-' + node_id[:16] if node_id else ''}.lock"
-    fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:    # another user's lock file: no lock, rather than no agent
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -204,6 +204,25 @@ def test_agent_gives_up_once_the_deadline_passed():
     assert "passed without a drain" in lines[-1]
 
 
+def test_prestop_drain_waits_until_the_deadline_and_says_so():
+    class Busy(Node):
+        def alive(self, node_id):
+            return True
+
+    lines, node = [], Busy()
+    start = time.monotonic()
+    assert sa.drain_now(node, 0.6, lines.append) == 0
+    assert 0.5 < time.monotonic() - start < 3
+    assert lines[0].startswith(f"[spot] drained Ray node {NODE} with a deadline 0.6 s away")
+    assert lines[1] == f"[spot] Ray node {NODE} still had work at its deadline"
+
+
+def test_prestop_without_a_cluster_is_said_and_not_an_error():
+    lines = []
+    assert sa.drain_now(Node(fail=1), 30, lines.append) == 0
+    assert lines == ["[spot] could not drain this node (GCS at 10.0.0.1:6379 unreachable)"]
+
+
 def test_one_agent_per_node():
     node = uuid.uuid4().hex * 2
     assert sa.hold_lock(node) is None
