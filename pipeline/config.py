@@ -191,12 +191,40 @@ class RunSettings(Settings):
     name: str = Field("", description="run name; re-running with the same name resumes it "
                                       "(default: a new name per run)")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts allowed (-1: no limit)")
-    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and the last)")
+    checkpoint_every: str = Field("1", description="checkpoint every N epochs (N), or also inside "
+                                  "epochs: 'N steps' or 'N min' (always at the end of the run); "
+                                  "each checkpoint holds the exact data position")
+    progress_seconds: float = Field(60, gt=0, description="a progress line inside long epochs "
+                                                          "every this many seconds")
+    log_every_steps: int = Field(50, ge=1, description="log train loss, img/s and data wait to "
+                                                       "MLflow every N steps inside epochs")
     init_from: str = Field("", description="fine-tune from a checkpoint URI or models:/NAME@ALIAS "
                                            "(the head is replaced when the class count differs)")
     restart: bool = Field(False, description="discard what an earlier run (or sweep) of this name "
                                              "left and start over; without it, a name used "
                                              "again resumes only when data and recipe match")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _interval_text(cls, v):
+        checkpoint_interval(str(v))   # raises ValueError in words
+        return str(v).strip()
+
+
+CHECKPOINT_UNITS = {"": "epochs", "epoch": "epochs", "epochs": "epochs", "step": "steps",
+                    "steps": "steps", "min": "minutes", "mins": "minutes", "minute": "minutes",
+                    "minutes": "minutes", "m": "minutes"}
+
+
+def checkpoint_interval(text: str) -> tuple[float, str]:
+    """'2' or '2 epochs' -> (2, 'epochs'); '500 steps' -> (500, 'steps'); '10 min' -> (10, 'minutes')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in CHECKPOINT_UNITS or float(m.group(1)) <= 0:
+        raise ValueError("expected N (epochs), 'N steps' or 'N min', e.g. 1, '500 steps', '10 min'")
+    amount, unit = float(m.group(1)), CHECKPOINT_UNITS[m.group(2)]
+    if unit != "minutes" and amount != int(amount):
+        raise ValueError(f"a whole number of {unit} expected")
+    return amount, unit
 
 
 TRAIN_SECTIONS: dict[str, type[Settings]] = {
@@ -242,6 +270,14 @@ class TrainConfig(Settings):
     @property
     def workers_range(self) -> tuple[int, int]:
         return self.resources.workers_range
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step, a constant of the run (the lr schedule depends on it):
+        batch_size x the most workers it may have. With fewer workers (an elastic run before
+        its nodes join, or after a node was preempted) each worker takes a larger part of it,
+        in micro-batches of at most batch_size."""
+        return self.recipe.batch_size * self.workers_range[1]
 
 
 SECTION_OF = {name: section for section, model in TRAIN_SECTIONS.items()

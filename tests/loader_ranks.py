@@ -14,11 +14,12 @@ def rank_main(rank: int, path: str, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from pipeline.data.loaders import Reads, TrainLoader
 
-    loader = TrainLoader(Reads.whole_file(path, rank, 2), batch_size=8, res=32, threads=1, seed=5,
-                         device=torch.device("cpu"))
+    reads = Reads.whole_file(path, rank, 2, batch_size=8)
+    loader = TrainLoader(reads, batch_size=8, res=32, threads=1, seed=5, device=torch.device("cpu"))
     seen = {}
     for epoch in (0, 1):
-        seen[epoch] = [int(x) for _, y in loader.epoch(epoch, 32) for x in y.tolist()]
+        order = reads.local[reads.epoch(epoch, seed=5).gids]
+        seen[epoch] = [int(x) for _, y in loader.epoch(epoch, 32, order) for x in y.tolist()]
     queue.put((rank, seen))
     dist.barrier()
     dist.destroy_process_group()

@@ -31,8 +31,10 @@ def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
     torch.backends.cudnn.benchmark = True
     from pipeline.data.loaders import Reads
 
-    trainer = ImageNetTrainer(cfg, Reads.whole_file(tmp_path / "train.beton"),
-                              Reads.whole_file(tmp_path / "val.beton"), classes, rank=0, world=1,
+    batch = cfg.recipe.batch_size
+    trainer = ImageNetTrainer(cfg, Reads.whole_file(tmp_path / "train.beton", batch_size=batch),
+                              Reads.whole_file(tmp_path / "val.beton", batch_size=batch), classes,
+                              rank=0, world=1,
                               device=device,
                               wrap_model=lambda m: m.to(device))
     assert trainer.autocast_dtype == torch.bfloat16

@@ -92,10 +92,11 @@ def test_stream_mode_reads_every_sample_once_through_the_process_cache(tmp_path)
     write_beton(path, images, list(range(n)), WriterSettings(max_resolution=64), seed=0)
     seen = []
     for part in (0, 1):
-        reads = Reads(str(path), np.arange(n), part, 2, n // 2, stream=True)
+        reads = Reads.whole_file(str(path), part, 2, batch_size=8, stream=True)
         loader = TrainLoader(reads, batch_size=8, res=32, threads=1, seed=3,
                              device=torch.device("cpu"))
-        epoch = [int(y) for _, labels in loader.epoch(0, 32) for y in labels.tolist()]
+        order = reads.local[reads.epoch(0, seed=3).gids]
+        epoch = [int(y) for _, labels in loader.epoch(0, 32, order) for y in labels.tolist()]
         assert len(epoch) == n // 2
         seen += epoch
     assert sorted(seen) == list(range(n))   # both parts together: each sample once

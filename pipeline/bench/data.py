@@ -3,7 +3,7 @@ and the per-node placement, on Ray clusters of 1..N worker nodes on this machine
 
 The dataset sits on a local S3 server (SeaweedFS, started here) unless --data names one. Every
 cluster is new (ray.cluster_utils.Cluster, one cache folder per node, cold caches); its workers
-run the data path of training (node_reads: placement, fetch, node file) and then one FFCV loader
+run the data path of training (node_data.prepare: placement, fetch, node file) and then one FFCV loader
 epoch without a model, so the figures are the data path's alone:
 - bytes downloaded and peak bytes on the node's disk (its cache folder),
 - seconds from the start of the run to the node's first batch (and of them, fetching),
@@ -48,10 +48,12 @@ def bench_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from ..config import LoaderSettings
     from ..data.loaders import TrainLoader
     from ..data.manifest import ShardManifest
-    from ..data.node_cache import NodeSplit, cache_root, node_reads
-    from ..training.worker import gather
+    from ..data.node_cache import cache_root
+    from ..data.node_data import prepare
+    from ..training.worker import any_true, gather
 
     started = time.time()
     ctx = ray.train.get_context()
@@ -59,20 +61,27 @@ def bench_worker(config: dict) -> None:
     manifest = ShardManifest.model_validate(config["manifest"])
     storage, data = config["storage"], config["data"]
     node = ray.get_runtime_context().get_node_id()
-    held = NodeSplit(storage, data, manifest, "train").held()
-    everyone = gather((node, {"train": held}), world)
-    reads, fetched = node_reads(storage, data, manifest, "train", config["placement"],
-                                [n for n, _ in everyone], rank, 0,
-                                holdings={n: h["train"] for n, h in everyone})
-    loader = TrainLoader(reads, config["batch_size"], config["res"], 1, 0, torch.device("cpu"))
+    device = torch.device("cpu")
+    reads, plan, _, fetched = prepare(
+        storage, data, manifest, LoaderSettings(placement=config["placement"],
+                                                read_mode=config.get("read_mode", "auto")),
+        rank, node, 0, config["batch_size"] * world, gather=lambda v: gather(v, world),
+        any_pending=lambda pending: any_true(pending, world, device))
+    train = reads["train"]
+    loader = TrainLoader(train, train.count, config["res"], 1, 0, device)
     first_batch = None
     for epoch in range(2):
         count, t0 = 0, time.perf_counter()
-        for images, _ in loader.epoch(epoch, config["res"]):
+        order = train.local[train.epoch(epoch, 0).gids]
+        for images, _ in loader.epoch(epoch, config["res"], order):
             if first_batch is None:
                 first_batch = time.time()
             count += len(images)
         rate = count / (time.perf_counter() - t0)
+    group, _, _ = plan.layouts["train"].place(rank)
+    sizes = {sh.path: sh.bytes for sh in manifest.splits["train"].shards}
+    fetched = {**fetched.splits["train"], "share_bytes": sum(sizes[x] for x in group.shards),
+               "seconds": fetched.seconds}
     disk = sum(f.stat().st_size for f in cache_root().rglob("*") if f.is_file())
     out = {"rank": rank, "node": node[:8], "bytes_downloaded": fetched["bytes_downloaded"],
            "share_bytes": fetched["share_bytes"], "disk_bytes": disk,

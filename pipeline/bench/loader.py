@@ -24,9 +24,10 @@ def _rate(batches, warmup: int = 2) -> float:
 def ours(path: str, res: int, batch: int, threads: int, epochs: int) -> float:
     from ..data.loaders import Reads, TrainLoader
 
-    loader = TrainLoader(Reads.whole_file(path), batch, res, threads, seed=0,
-                         device=torch.device("cpu"))
-    return max(_rate(loader.epoch(e, res)) for e in range(epochs))
+    reads = Reads.whole_file(path, batch_size=batch)
+    loader = TrainLoader(reads, batch, res, threads, seed=0, device=torch.device("cpu"))
+    orders = [reads.local[reads.epoch(e, seed=0).gids] for e in range(epochs)]
+    return max(_rate(loader.epoch(e, res, orders[e])) for e in range(epochs))
 
 
 def bare_ffcv(path: str, res: int, batch: int, threads: int, epochs: int) -> float:

@@ -31,9 +31,10 @@ def timed_epoch(cfg: TrainConfig, paths: dict, classes: list, rank: int, world: 
     from ..data.loaders import Reads
     from ..training.worker import ImageNetTrainer
 
-    trainer = ImageNetTrainer(cfg, Reads.whole_file(paths["train"], rank, world),
-                              Reads.whole_file(paths["val"], rank, world), classes, rank, world,
-                              device, wrap_model=wrap_model)
+    batch = cfg.recipe.batch_size
+    trainer = ImageNetTrainer(cfg, Reads.whole_file(paths["train"], rank, world, batch),
+                              Reads.whole_file(paths["val"], rank, world, batch), classes, rank,
+                              world, device, wrap_model=wrap_model)
     trainer.train_loop(0)
     stats = trainer.train_loop(1)
     return stats["epoch_seconds"] / stats["steps"]

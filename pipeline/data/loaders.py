@@ -6,6 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .manifest import ShardInfo
+from .placement import (EpochReads, Group, Layout, SampleIds, epoch_reads, rank_counts,
+                        val_part)
+
 IMAGENET_MEAN = (np.array([0.485, 0.456, 0.406]) * 255).astype(np.float32)
 IMAGENET_STD = (np.array([0.229, 0.224, 0.225]) * 255).astype(np.float32)
 CROP_RATIO = 224 / 256
@@ -120,61 +124,68 @@ def num_samples(path: str) -> int:
 
 @dataclass(frozen=True)
 class Reads:
-    """What one rank reads of one split: samples `indices` of the node file at `path`, shared by
-    `parts` ranks of which this is `part`; `per_rank` samples per training epoch."""
+    """What one rank reads of one split: `layout` says which global sample ids it reads each
+    step (placement.py); `local[id]` is where sample `id` is in the node file at `path` (-1: not
+    on this node). `stream`: read through FFCV's process cache, whole pages in order."""
 
     path: str
-    indices: np.ndarray
-    part: int = 0
-    parts: int = 1
-    per_rank: int = 0
+    ids: SampleIds
+    local: np.ndarray
+    layout: Layout
+    rank: int = 0
     stream: bool = False
 
     @classmethod
-    def whole_file(cls, path: str, rank: int = 0, world: int = 1) -> "Reads":
+    def whole_file(cls, path: str, rank: int = 0, world: int = 1, batch_size: int = 1,
+                   stream: bool = False) -> "Reads":
+        """One file read by `world` ranks of `batch_size` each (benchmarks, tests)."""
         n = num_samples(path)
-        return cls(str(path), np.arange(n), rank, world, n // world)
+        ids = SampleIds([ShardInfo(path="file", samples=n, bytes=1, sha256="0" * 64)])
+        layout = Layout((Group(("file",), tuple(range(world)),
+                               tuple(rank_counts(batch_size * world, world))),),
+                        "stream" if stream else "random")
+        return cls(str(path), ids, np.arange(n), layout, rank, stream)
 
-    def in_order(self) -> np.ndarray:
-        """This rank's contiguous part, for validation: every sample read by exactly one rank."""
-        return np.array_split(self.indices, self.parts)[self.part]
+    @property
+    def count(self) -> int:
+        """Samples this rank reads per step."""
+        return self.layout.place(self.rank)[2]
+
+    def epoch(self, epoch: int, seed: int, done: np.ndarray | None = None,
+              max_steps: int = 0) -> EpochReads:
+        return epoch_reads(self.ids, self.layout, self.rank, seed, epoch, done, max_steps)
+
+    def val_indices(self) -> np.ndarray:
+        """This rank's part of the validation samples, as node-file indices, in order."""
+        return self.local[val_part(self.ids, self.layout, self.rank)]
 
 
-def share_order(indices: np.ndarray, part: int, parts: int, per_rank: int, seed: int,
-                stream: bool):
-    """An FFCV traversal order giving this rank its samples of each epoch (placement.epoch_order).
+def given_order():
+    """An FFCV traversal order that yields whatever order it was last given (`.current`).
     FFCV takes a custom order as an instance that it calls with the loader."""
     from ffcv.traversal_order.base import TraversalOrder
 
-    from .placement import epoch_order
-
-    class ShareOrder(TraversalOrder):
+    class GivenOrder(TraversalOrder):
         def __init__(self):   # bound to its loader in __call__
-            self.pages = None
+            self.current = np.zeros(0, np.int64)
 
         def __call__(self, loader):
-            self.loader, self.indices, self.seed, self.distributed = loader, indices, seed, False
-            if stream:   # the page of each sample, so that pages are read whole and in order
-                meta = loader.reader.metadata
-                field = next(n for n in meta.dtype.names
-                             if meta.dtype[n].names and "data_ptr" in meta.dtype[n].names)
-                shift = np.uint64(int(loader.reader.page_size).bit_length() - 1)
-                self.pages = (meta[field]["data_ptr"][indices] >> shift).astype(np.int64)
+            self.loader, self.indices, self.seed, self.distributed = loader, None, 0, False
             return self
 
         def sample_order(self, epoch: int):
-            return epoch_order(indices, part, parts, per_rank, seed, epoch, self.pages)
+            return self.current
 
-    return ShareOrder()
+    return GivenOrder()
 
 
 class TrainLoader:
-    """One FFCV Loader over this rank's samples of the node's train file, reused every epoch.
+    """One FFCV Loader over this rank's node file, reused every epoch.
 
-    Each epoch's order comes from placement.epoch_order: a fresh shuffle of the samples this
-    rank's node holds (or of the whole split), of which this rank reads its equal part. In stream
-    mode (os_cache off) FFCV's process cache reads the pages itself, whole pages in order, so a
-    node's share need not fit in its page cache.
+    Each epoch reads the node-file indices it is given (placement.epoch_reads mapped through
+    Reads.local), `batch_size` of them per step: this rank's part of each global batch. In
+    stream mode (os_cache off) FFCV's process cache reads the pages itself, whole pages in
+    order, so a node's share need not fit in its page cache.
     """
 
     def __init__(self, reads: Reads, batch_size: int, res: int, threads: int, seed: int,
@@ -182,46 +193,41 @@ class TrainLoader:
         from ffcv.loader import Loader
         from ffcv.transforms import RandomHorizontalFlip
 
-        if reads.per_rank < batch_size:
-            from ..errors import UserError
-
-            raise UserError(f"--batch-size {batch_size}: each worker reads {reads.per_rank} "
-                            "training images per epoch, fewer than one batch; lower --batch-size "
-                            "or --num-workers")
         self.decoder = scaled_crop_decoder((res, res))
-        self.res = res
+        self.res, self.batch_size = res, batch_size
+        self.order = given_order()
         self.loader = Loader(
-            reads.path, batch_size=batch_size, num_workers=threads,
-            order=share_order(reads.indices, reads.part, reads.parts, reads.per_rank, seed,
-                              reads.stream),
-            drop_last=True, seed=seed, indices=reads.indices, os_cache=not reads.stream,
+            reads.path, batch_size=batch_size, num_workers=threads, order=self.order,
+            drop_last=True, seed=seed, os_cache=not reads.stream,
             pipelines={"image": [self.decoder, RandomHorizontalFlip(), *_image_tail(device, dtype)],
                        "label": _label_pipeline(device)})
 
-    def epoch(self, epoch: int, res: int):
-        """Batches of one epoch at resolution res (recompiling the pipeline only when res changes)."""
+    def epoch(self, epoch: int, res: int, indices: np.ndarray):
+        """Batches of `indices` (node-file indices, batch_size per step) at resolution res,
+        recompiling the pipeline only when res changes."""
         self.loader.recompile = res != self.res
         if res != self.res:
             self.decoder.output_size = (res, res)
             self.res = res
-        self.loader.next_epoch = epoch   # the order depends on the epoch: same after a resume
+        self.order.current = np.asarray(indices, np.int64)
+        # FFCV sizes an epoch by the order it saw first: this epoch's is the one
+        self.loader.first_traversal_order = self.order.current
+        self.loader.next_epoch = epoch   # seeds the crops and flips: the same after a resume
         return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
 
 
 def val_loader(reads: Reads, batch_size: int, res: int, threads: int, device: torch.device,
                dtype=np.float32):
     """A rank's part of the validation split, in order, nothing dropped or repeated (nothing at
-    all for a rank whose node holds no validation shard)."""
+    all for a rank whose group holds no validation shard)."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    if not len(reads.in_order()):
+    indices = reads.val_indices()
+    if not len(indices):
         return []
     return Loader(reads.path, batch_size=batch_size, num_workers=threads,
-                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=reads.in_order(),
+                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices,
                   os_cache=not reads.stream,
                   pipelines={"image": [CenterCropRGBImageDecoder((res, res), ratio=CROP_RATIO),
                                        *_image_tail(device, dtype)],

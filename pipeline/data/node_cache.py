@@ -11,6 +11,8 @@ When the assignment changes (a node lost and replaced, an elastic run grows) the
 it has and fetches only what it lacks. A state file beside the data records what the file holds
 and a digest of its structure; it is written last, so a file whose state does not match (a
 crash mid-append) is cut back to its last complete state, or rebuilt, never trusted as is.
+A long fetch commits that state every COMMIT_BYTES of shards: a fetch killed halfway (a node
+restarted, a worker group torn down) resumes with the shards it completed, not from zero.
 
 The cache lives in a folder of this user only (0700): the default is not a shared /tmp path that
 another user could prepare.
@@ -40,6 +42,8 @@ from .manifest import ShardInfo, ShardManifest
 FETCH_THREADS = 4
 HEAD_BYTES = 64 * 1024
 STATE_VERSION = 1
+# shards fetched between two commits of the node file's state (env: for tests of a killed fetch)
+COMMIT_BYTES = int(os.environ.get("PIPELINE_CACHE_COMMIT_BYTES", 1 << 30))
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -193,7 +197,9 @@ class NodeSplit:
     # -- fetching -----------------------------------------------------------------------------
     def ensure(self, wanted: list[str]) -> tuple[State, FetchStats]:
         """Make the node file hold every shard in `wanted` (paths from the manifest); fetch only
-        what it lacks. Safe to call from every worker of the node at once."""
+        what it lacks, committing every COMMIT_BYTES. Safe to call from every worker of the
+        node at once."""
+        _ffcv_types()   # its first import takes seconds: not part of the fetch
         with FileLock(str(self.folder / f"{self.split}.lock")):
             started = time.monotonic()
             stats = FetchStats(self.split)
@@ -204,11 +210,26 @@ class NodeSplit:
             held = {s.path for s in state.shards} if state else set()
             missing = [self.shards[p] for p in wanted if p not in held]
             stats.shards_kept = len(set(wanted) & held)
-            if missing:
-                state = self._append(state, missing, stats)
+            self._check_room(state, missing)
+            for batch in _batches(missing, COMMIT_BYTES):
+                state = self._append(state, batch, stats)
             stats.file_bytes = self.path.stat().st_size if self.path.exists() else 0
             stats.seconds = round(time.monotonic() - started, 2)
             return state, stats
+
+    def _check_room(self, state: State | None, missing: list[ShardInfo]) -> None:
+        """Refuse before fetching anything when the shards cannot fit (the metadata region is
+        reserved for the whole split, and each commit writes a new allocation table)."""
+        if not missing:
+            return
+        needed = sum(s.bytes for s in missing)   # each shard's data, metadata and table
+        if state is None:   # a new file reserves the metadata of the whole split up front
+            needed += HEAD_BYTES + 64 * self.manifest.splits[self.split].samples
+        free = shutil.disk_usage(self.folder).free
+        if needed > free:
+            raise UserError(f"node cache {self.folder}: needs {needed} bytes for the "
+                            f"{self.split} shards of this node, {free} are free; free space or "
+                            "set --cache-dir to a larger disk")
 
     def _head(self, shard: ShardInfo) -> Layout:
         ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
@@ -291,11 +312,6 @@ class NodeSplit:
             pos = _align(pos + lay.data_end - lay.data_start, page)
         table_bytes_new = sum(lay.size - lay.data_end for lay in layouts)
         needed = pos - max(logical_end, 0) + old_table.nbytes + table_bytes_new
-        free = shutil.disk_usage(self.folder).free
-        if needed > free:
-            raise UserError(f"node cache {self.folder}: needs {needed} bytes for the "
-                            f"{self.split} shards of this node, {free} are free; free space or "
-                            "set --cache-dir to a larger disk")
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -383,37 +399,15 @@ class NodeSplit:
         state = State.load(self.state_path)
         return {s.path for s in state.shards} if state else set()
 
-    def indices(self, state: State | None, shard_paths: list[str]) -> np.ndarray:
-        """Sample indices in the node file of these shards, in the order given."""
-        where = {s.path: s for s in state.shards} if state else {}
-        parts = [np.arange(where[p].first, where[p].first + where[p].samples) for p in shard_paths]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-
-def node_reads(storage: Storage, data_uri: str, manifest: ShardManifest, split: str,
-               placement: str, rank_nodes: list[str], rank: int, seed: int, cache_dir: str = "",
-               read_mode: str = "memory", memory_bytes: float = 0, memory_fraction: float = 0.5,
-               max_per_rank: int = 0, holdings: dict[str, set[str]] | None = None):
-    """(what this rank reads of `split`, what its node had to fetch): the node's shards are
-    made present in its node file first (placement.plan_reads says which). read_mode auto
-    streams when the node's share is over memory_fraction of the node's memory."""
-    from .loaders import Reads
-    from .placement import plan_reads
-
-    shards = manifest.splits[split].shards
-    plan = plan_reads(shards, placement, rank_nodes, rank, seed, holdings)
-    nodes = len(set(rank_nodes))
-    if split == "train" and placement == "node" and len(shards) < nodes:
-        raise UserError(f"{data_uri}: {len(shards)} train shard(s) cannot give each of {nodes} "
-                        "nodes a share: use --placement global, or stage with a smaller "
-                        "--shard-size")
-    share = sum(s.bytes for s in shards if s.path in set(plan.shards))
-    stream = read_mode == "stream" or (read_mode == "auto" and memory_bytes > 0
-                                       and share > memory_fraction * memory_bytes)
-    node = NodeSplit(storage, data_uri, manifest, split, cache_dir)
-    state, stats = node.ensure(plan.shards)
-    per_rank = min(plan.per_rank, max_per_rank) if max_per_rank else plan.per_rank
-    reads = Reads(str(node.path), node.indices(state, plan.shards), plan.part, plan.parts,
-                  per_rank, stream)
-    return reads, {**asdict(stats), "share_bytes": share, "shards": len(plan.shards),
-                   "stream": stream, "node_samples": plan.node_samples}
+def _batches(shards: list[ShardInfo], limit: int) -> list[list[ShardInfo]]:
+    """Consecutive groups of shards of about `limit` bytes (at least one shard each)."""
+    out: list[list[ShardInfo]] = []
+    size = limit
+    for shard in shards:
+        if size >= limit:
+            out.append([])
+            size = 0
+        out[-1].append(shard)
+        size += shard.bytes
+    return out

@@ -37,10 +37,23 @@ def keep_keys_out_of_trials() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE -= CREDENTIALS
 
 
+def epoch_reports_to_tune():
+    """TuneReportCallback for the reports at an epoch's end only: a checkpoint taken inside an
+    epoch (a preemption notice, checkpoint_every in steps or minutes) has no validation score,
+    and ASHA compares trials by epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get("mid_epoch"):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReports()
+
+
 def trial_fn(config: dict, base: dict, sweep: dict) -> None:
     """One trial: a whole `pipeline train` run, its reports forwarded to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..training.launch import train
     from ..training.summary import finished_summary
@@ -58,7 +71,7 @@ def trial_fn(config: dict, base: dict, sweep: dict) -> None:
     tracking = None
     if sweep.get("tracking"):
         tracking = Tracking(**{**sweep["tracking"], "trial_id": trial_id})
-    train(cfg, storage=storage, callbacks=[TuneReportCallback()], tracking=tracking,
+    train(cfg, storage=storage, callbacks=[epoch_reports_to_tune()], tracking=tracking,
           label=f"trial {trial_id}")
 
 

@@ -69,10 +69,16 @@ def load_state(data: bytes | str | Path, where: str) -> dict:
 
 
 def save(folder: str | Path, *, model: dict, optimizer: dict, scaler: dict, epoch: int,
-         rng: list[dict], meta: dict) -> None:
-    """Write a checkpoint folder: `rng` holds every rank's RNG state, in rank order."""
+         rng: list[dict], meta: dict, cursor: dict | None = None,
+         epoch_samples: list[dict] | None = None) -> None:
+    """Write a checkpoint folder: `epoch` epochs are complete; `cursor` (placement.Cursor as a
+    dict) says where the epoch in progress stands when the checkpoint is taken inside it;
+    `rng` holds every rank's RNG state, in rank order; `epoch_samples` what each completed epoch
+    read (count and digest)."""
     torch.save({"model": model, "optimizer": optimizer, "scaler": scaler, "epoch": epoch,
-                "rng": rng}, os.path.join(folder, CHECKPOINT_FILE))
+                "rng": rng, "cursor": json.dumps(cursor) if cursor else "",
+                "epoch_samples": json.dumps(epoch_samples or [])},
+               os.path.join(folder, CHECKPOINT_FILE))
     Path(folder, META_FILE).write_text(json.dumps(meta, indent=1))
 
 

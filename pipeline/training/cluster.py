@@ -48,31 +48,6 @@ def check_capacity(cfg: TrainConfig, say=print) -> list[str]:
     return nodes
 
 
-def node_memory() -> dict[str, float]:
-    """The memory Ray gives tasks on each live node, in bytes."""
-    import ray
-
-    return {n["NodeID"]: float(n.get("Resources", {}).get("memory", 0)) for n in ray.nodes()
-            if n.get("Alive")}
-
-
-def choose_placement(cfg: TrainConfig, manifest, nodes: list[str], memory: dict[str, float]) -> tuple[str, str]:
-    """(global | node, why): auto is global while the whole dataset fits in memory_fraction of
-    the memory of every node that can run a worker."""
-    if cfg.loader.placement != "auto":
-        return cfg.loader.placement, "as set"
-    size = sum(s.bytes for split in manifest.splits.values() for s in split.shards)
-    fraction = cfg.loader.memory_fraction
-    smallest = min((memory.get(n, 0) for n in nodes), default=0)
-    gb = lambda b: f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"   # noqa: E731
-    if smallest and size <= fraction * smallest:
-        return "global", (f"the {gb(size)} dataset fits in {fraction:g} of every node's "
-                          f"{gb(smallest)} of memory: every node holds all of it")
-    return "node", (f"the {gb(size)} dataset is over {fraction:g} of a node's {gb(smallest)} of "
-                    f"memory: each of the {max(1, len(nodes))} nodes holds about "
-                    f"1/{max(1, len(nodes))} of it")
-
-
 def check_data(storage: Storage, cfg: TrainConfig, manifest) -> None:
     """What can be checked before any worker starts: every shard is there with its size, and
     each worker gets at least one batch. (Contents are checked by sha256 as nodes fetch them.)"""

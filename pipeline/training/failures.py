@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 from ray.train.v2.api.callback import UserCallback
 
 from ..config import TrainConfig
@@ -62,12 +63,37 @@ class StopOnUserError(FailurePolicy):
         return self.inner.make_decision(training_failed_error)
 
 
+class SkipDrainingNodes(ElasticScalingPolicy):
+    """Ray Train's elastic policy, except that a draining node (a spot node under a preemption
+    notice) offers no room: counted, it made the restart after a preemption wait 60 s for a
+    worker that its node would never take, then time out and try again with fewer."""
+
+    def _get_reserved_resources(self):
+        reserved = super()._get_reserved_resources()
+        if not reserved:
+            return reserved
+        try:
+            draining = set(ray_state().get_draining_nodes() or {})
+        except Exception:   # noqa: BLE001 - no drain information: count every node, as Ray does
+            return reserved
+        return {node: res for node, res in reserved.items() if node not in draining}
+
+
+def ray_state():
+    import ray
+
+    return ray._private.state.state
+
+
 class Trainer(TorchTrainer):
     """TorchTrainer with the StopOnUserError policy (Ray 2.60 builds the policy in fit() and
-    hands it to the controller here), and without Ray's Ctrl-C handler."""
+    hands it to the controller here), an elastic policy that skips draining nodes, and without
+    Ray's Ctrl-C handler."""
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = StopOnUserError(kwargs["failure_policy"])
+        if isinstance(kwargs.get("scaling_policy"), ElasticScalingPolicy):
+            kwargs["scaling_policy"] = SkipDrainingNodes(self.scaling_config)
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):

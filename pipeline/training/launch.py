@@ -19,7 +19,7 @@ from ..ray_connect import connect, pin_cluster_address
 from ..storage import Storage, absolute, join
 from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
 from . import checkpoint, identity
-from .cluster import check_capacity, check_data, choose_placement, node_memory, worker_bundle
+from .cluster import check_capacity, check_data, worker_bundle
 from .failures import FailureRecorder, Trainer, explain_failure
 from .run_events import RunEvents
 from .summary import build_summary, finished_summary, write_summary
@@ -65,10 +65,16 @@ def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir:
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(
                 max_failures=cfg.run.max_failures,
+                # a preempted node (a drained spot node) restarts the group from the checkpoint
+                # its notice made, on its own budget: never charged to max_failures
+                max_preemption_failures=-1,
                 # each worker-group start waits 60 s for resources; bound the retries so a
                 # cluster that can no longer hold the workers ends the run, in words
                 controller_failure_limit=max(1, math.ceil(cfg.resources.resource_wait_minutes))),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_top1",
+            # the best (by val top-1 at an epoch's end; checkpoints inside epochs score -1) and
+            # the latest are kept
+            checkpoint_config=CheckpointConfig(num_to_keep=1,
+                                               checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="max"),
             callbacks=[FailureRecorder(storage, run_dir), *callbacks],
             worker_runtime_env={"env_vars": worker_env()},
@@ -102,9 +108,11 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
     connect(ray_address)
     pin_cluster_address()
     nodes = check_capacity(cfg, say)
-    memory = node_memory()
-    placement, why = choose_placement(cfg, manifest, nodes, memory)
-    say(f"[{label}] data placement: {placement} ({why})")
+    if not nodes:
+        # never decided from nodes that are not there: each worker group decides from the
+        # memory of the nodes that hold it, when it starts
+        say(f"[{label}] data placement: decided when the workers start (no node can hold a "
+            "worker yet)")
     identity.claim(storage, run_dir, "run.json", f"run {cfg.run.name}",
                    identity.defining(cfg, data_sha), cfg.run.restart)
     events = RunEvents(storage, run_dir)
@@ -120,7 +128,6 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         "lineage": {"manifest_sha256": data_sha, "val_set": manifest.val_set_digest(),
                     "mlflow_run_id": mlflow and mlflow.run_id,
                     "trial_id": tracking and tracking.trial_id},
-        "data": {"placement": placement, "node_memory": memory},
         "tracking": mlflow and mlflow.for_workers()}
     try:
         events.add("driver_start")

@@ -36,18 +36,73 @@ class RunEvents:
 
 
 def recoveries(events: list[dict]) -> list[dict]:
-    """Each interruption (a worker failure, or a driver started again on an unfinished run) and
-    the seconds until training stepped again."""
+    """Each interruption (a worker failure, or a driver started again on an unfinished run), the
+    seconds until training stepped again, where it resumed and the steps it lost (trained after
+    the last checkpoint it resumed from: at most one checkpoint interval)."""
     out, pending = [], None
     steps_seen = False
-    for e in events:
+    for i, e in enumerate(events):
         if e["kind"] == "failure":
-            pending = {"cause": "worker failure", "error": e.get("error", ""), "at": e["time"]}
+            pending = {"cause": "worker failure", "error": e.get("error", ""), "at": e["time"],
+                       "reached": _reached(events[:i])}
         elif e["kind"] == "driver_start" and steps_seen and pending is None:
-            pending = {"cause": "driver restarted", "error": "", "at": e["time"]}
+            pending = {"cause": "driver restarted", "error": "", "at": e["time"],
+                       "reached": _reached(events[:i])}
+        elif e["kind"] == "start" and pending is not None:
+            pending["resumed"] = (e.get("resumed_from_epoch") or 0, e.get("resumed_from_step") or 0)
         elif e["kind"] == "first_step":
             if pending is not None:
-                out.append({**pending, "seconds": round(e["time"] - pending["at"], 1)})
+                resumed = pending.pop("resumed", None)
+                reached = pending.pop("reached")
+                out.append({**pending, "seconds": round(e["time"] - pending["at"], 1),
+                            "resumed_at": list(resumed) if resumed else None,
+                            "steps_lost": steps_lost(reached, resumed)})
                 pending = None
             steps_seen = True
     return [{k: v for k, v in r.items() if k != "at"} for r in out]
+
+
+def _reached(events: list[dict]) -> tuple[int, int] | None:
+    """The furthest (epoch in progress, steps done in it) these events show the run reached."""
+    marks = [(e["epoch"], e["step"]) for e in events if e["kind"] in ("progress", "checkpoint")]
+    return max(marks) if marks else None
+
+
+def steps_lost(reached: tuple[int, int] | None, resumed: tuple[int, int] | None) -> int | None:
+    """Steps trained but not kept: from the resume point to the furthest step reached before
+    the interruption (None when they lie in different epochs, or are not known)."""
+    if reached is None or resumed is None or reached[0] != resumed[0]:
+        return 0 if reached is not None and resumed is not None and reached < resumed else None
+    return max(0, reached[1] - resumed[1])
+
+
+def preemptions(events: list[dict]) -> list[dict]:
+    """Each preemption notice the run met: node(s), ranks, deadline, where it checkpointed on the
+    notice and how long that took, its last checkpoint (just before the deadline, after which it
+    waited: `waited_for_deadline`), where the run resumed and on how many workers, the steps lost
+    (trained but not kept; the goal is 0) and the seconds from the notice to the first step
+    after it. Positions are [epochs done, steps into the next]."""
+    out = []
+    for i, e in enumerate(events):
+        if e["kind"] != "preemption_checkpoint" or not e.get("notice"):
+            continue
+        p = {"nodes": e["nodes"], "ranks": e["ranks"], "notice_at": e["seen"],
+             "deadline": e["deadline"], "checkpoint": [e["epoch"], e["step"]],
+             "checkpoint_seconds": e["seconds"], "last_checkpoint": [e["epoch"], e["step"]],
+             "waited_for_deadline": False}
+        later = events[i + 1:]
+        restart = next((j for j, x in enumerate(later) if x["kind"] == "start"), None)
+        before = later if restart is None else later[:restart]
+        for x in before:
+            if x["kind"] == "preemption_checkpoint":
+                p.update(last_checkpoint=[x["epoch"], x["step"]], waited_for_deadline=True)
+        if restart is not None:
+            start = later[restart]
+            resumed = (start.get("resumed_from_epoch") or 0, start.get("resumed_from_step") or 0)
+            p.update(resumed_at=list(resumed), world_size_after=start.get("world_size"),
+                     steps_lost=steps_lost(_reached(events[:i + 1] + before), resumed))
+            step = next((x for x in later[restart:] if x["kind"] == "first_step"), None)
+            if step is not None:
+                p["seconds_to_first_step"] = round(step["time"] - e["seen"], 1)
+        out.append(p)
+    return out

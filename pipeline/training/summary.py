@@ -5,7 +5,7 @@ import json
 
 from ..storage import Storage, is_s3, join
 from . import checkpoint
-from .run_events import recoveries
+from .run_events import preemptions, recoveries
 
 SUMMARY_FILE = "summary.json"   # written last, once a run has finished
 
@@ -58,6 +58,8 @@ def build_summary(name: str, result, storage: Storage, storage_uri: str, run_dir
         "world_sizes": [e.get("world_size") for e in starts],
         "resumed_from_epoch": starts[-1].get("resumed_from_epoch") if starts else None,
         "recoveries": recoveries(history),
+        "preemptions": preemptions(history),
+        "epoch_samples": meta.get("epoch_samples", []),
         "node_data": node_data(history),
         "run_dir": run_dir,
         "mlflow_run_id": mlflow_run_id,

@@ -5,6 +5,7 @@ Methods are the recipe's nouns, as in ffcv-imagenet's train_imagenet.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..config import Recipe, TrainConfig
 from ..data.loaders import Reads, TrainLoader, val_loader
+from ..data.placement import Cursor, EpochReads, Segment, digest_hex, read_before
 from . import checkpoint
 from .model import build_model, load_weights, param_groups
 from .precision import device_precision
@@ -83,7 +85,9 @@ class ImageNetTrainer:
         # On CPU, DDP warns once per worker that 1x1-conv gradient strides differ from its buckets.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.rank, self.world, self.device = rank, world, device
-        self.global_batch = self.recipe.batch_size * world
+        self.train_reads = train
+        # a constant of the run, whatever the world size of the moment (config.global_batch)
+        self.global_batch = train.layout.global_batch
         # autocast, loader dtype and scaler decided together (a UserError for bf16 without it)
         self.precision = device_precision(self.recipe.precision, device)
         self.train_loader = self.create_train_loader(train)
@@ -128,7 +132,9 @@ class ImageNetTrainer:
                                momentum=self.recipe.momentum)
 
     def create_train_loader(self, reads: Reads) -> TrainLoader:
-        return TrainLoader(reads, self.recipe.batch_size, self.get_resolution(0),
+        """This rank's part of each global batch per step (reads.count): batch_size with the
+        run's full world, more with fewer workers (trained in micro-batches, train_step)."""
+        return TrainLoader(reads, reads.count, self.get_resolution(0),
                            self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device,
                            self.precision.loader_dtype)
 
@@ -147,36 +153,70 @@ class ImageNetTrainer:
             return images.to(memory_format=torch.channels_last)
         return images
 
-    def train_loop(self, epoch: int, on_first_step=None) -> dict:
+    def train_step(self, images, target, lr: float) -> torch.Tensor:
+        """One optimizer step on this rank's part of a global batch, in micro-batches of at most
+        batch_size (gradients accumulated; DDP syncs on the last). Each micro-batch's loss is
+        weighted so that the step's gradient is the mean over the global batch whatever the
+        world size and however it is split. Returns the sum of the per-image losses."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)   # a numpy float would not load with weights_only
+        self.optimizer.zero_grad(set_to_none=True)
+        n, size = len(target), self.recipe.batch_size
+        weight = self.world / self.global_batch   # DDP averages the ranks' gradients
+        total = torch.zeros((), device=self.device)
+        for start in range(0, n, size):
+            last = start + size >= n
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            x, y = images[start:start + size], target[start:start + size]
+            with sync:
+                with self._autocast():
+                    loss = self.loss(self.model(self._channels_last(x)), y)
+                self.scaler.scale(loss * (len(y) * weight)).backward()
+            total += loss.detach() * len(y)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total
+
+    def train_loop(self, epoch: int, reads: EpochReads | None = None, steps_before: int = 0,
+                   after_step=None) -> dict:
+        """The steps of `reads` (default: the whole epoch; or the rest of it after `steps_before`
+        steps done before an interruption). after_step(step, step_s, wait_s, loss) runs after
+        each one, with the epoch's step number; it may checkpoint (a collective: it runs at the
+        same step on every rank)."""
+        if reads is None:
+            reads = self.train_reads.epoch(epoch, self.recipe.seed,
+                                           max_steps=self.cfg.loader.max_steps_per_epoch)
         self.model.train()
         res = self.get_resolution(epoch)
-        steps = len(self.train_loader)
-        lrs = np.interp(np.arange(steps) / steps + epoch, [epoch, epoch + 1],
+        total = steps_before + reads.steps
+        fraction = np.arange(steps_before, total) / max(1, total)
+        lrs = np.interp(fraction + epoch, [epoch, epoch + 1],
                         [self.get_lr(epoch), self.get_lr(epoch + 1)])
         loss_sum = torch.zeros((), device=self.device)
-        start = time.perf_counter()
-        done = 0
-        for step, (images, target) in enumerate(self.train_loader.epoch(epoch, res)):
-            for group in self.optimizer.param_groups:
-                group["lr"] = float(lrs[step])   # a numpy float would not load with weights_only
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss = self.loss(self.model(self._channels_last(images)), target)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            loss_sum += loss.detach()
-            done += 1
-            maybe_inject_fault(epoch, step, self.rank)
-            if step == 0 and on_first_step:
-                on_first_step()
+        batches = iter(self.train_loader.epoch(epoch, res, self.train_reads.local[reads.gids]))
+        start = tick = time.perf_counter()
+        waiting = 0.0
+        self.steps_done = 0
+        for i in range(reads.steps):
+            images, target = next(batches)
+            got = time.perf_counter()
+            loss = self.train_step(images, target, lrs[i])
+            loss_sum += loss
+            self.steps_done = i + 1
+            maybe_inject_fault(epoch, steps_before + i, self.rank)
+            now = time.perf_counter()
+            waiting += got - tick
+            if after_step is not None:
+                after_step(steps_before + i, now - tick, got - tick, loss / max(1, len(target)))
+            tick = time.perf_counter()
         seconds = time.perf_counter() - start
-        stats = torch.tensor([loss_sum.item(), done], dtype=torch.float64)
+        stats = torch.tensor([loss_sum.item(), reads.steps * reads.count], dtype=torch.float64)
         self._all_reduce(stats)
         return {"train_loss": stats[0].item() / max(1, stats[1].item()),
-                "images_per_s": done * self.global_batch / seconds if seconds else 0.0,
-                "lr": float(lrs[-1]) if steps else 0.0, "resolution": res,
-                "steps": done, "epoch_seconds": seconds}
+                "images_per_s": reads.steps * self.global_batch / seconds if seconds else 0.0,
+                "lr": float(lrs[-1]) if reads.steps else 0.0, "resolution": res,
+                "steps": total, "epoch_seconds": seconds,
+                "data_wait": waiting / seconds if seconds else 0.0}
 
     def val_loop(self) -> dict:
         """Top-1/top-5 over the whole validation split, summed across workers."""
@@ -205,21 +245,39 @@ class ImageNetTrainer:
             dist.all_reduce(moved)
             t.copy_(moved.cpu())
 
+    def read_digest(self, reads: EpochReads, steps: int) -> tuple[int, int]:
+        """(samples, digest) of what every rank read in the first `steps` steps of `reads`
+        (a collective). The digest is summed as two 32-bit halves, so no sum overflows."""
+        terms = self.train_reads.ids.terms[reads.gids[:steps * reads.count]]
+        t = torch.tensor([len(terms), int((terms >> np.uint64(32)).sum(dtype=np.uint64)),
+                          int((terms & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))],
+                         dtype=torch.int64)
+        self._all_reduce(t)
+        count, high, low = (int(v) for v in t.tolist())
+        return count, ((high << 32) + low) % 2**64
+
     # -- checkpoints -------------------------------------------------------------------------------
     def rng_states(self) -> list[dict]:
         """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
         return gather(checkpoint.rng_state(), self.world)
 
-    def save(self, folder: str, epoch: int, metrics: dict, rng: list[dict]) -> None:
-        """Everything needed to resume (weights, optimizer, scaler, epoch, RNG) and to serve."""
+    def save(self, folder: str, epoch: int, metrics: dict, rng: list[dict],
+             cursor: dict | None = None, epoch_samples: list[dict] | None = None) -> None:
+        """Everything needed to resume (weights, optimizer, scaler, epoch, data position, RNG)
+        and to serve."""
+        meta = checkpoint.meta(self.cfg, self.classes, epoch, metrics, self.lineage)
+        meta["epoch_samples"] = epoch_samples or []
+        if cursor:
+            meta["cursor"] = {"epoch": cursor["epoch"], "steps": sum(
+                s["steps"] for s in cursor["segments"])}
         checkpoint.save(folder, model=self.bare_model.state_dict(),
                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                        epoch=epoch, rng=rng,
-                        meta=checkpoint.meta(self.cfg, self.classes, epoch, metrics, self.lineage))
+                        epoch=epoch, rng=rng, meta=meta, cursor=cursor, epoch_samples=epoch_samples)
 
-    def load(self, folder: str) -> int:
+    def load(self, folder: str) -> dict:
         """Resume from a checkpoint folder; each rank gets back its own RNG state (a run resumed
-        with another world size re-seeds each rank from the seed, the epoch and its rank)."""
+        with another world size re-seeds each rank from the seed, the epoch and its rank).
+        Returns {epoch, cursor (or None), epoch_samples}."""
         path = os.path.join(folder, checkpoint.CHECKPOINT_FILE)
         state = checkpoint.load_state(Path(path).read_bytes(), path)
         self.bare_model.load_state_dict(state["model"])
@@ -233,7 +291,10 @@ class ImageNetTrainer:
             seed = self.recipe.seed * 1_000_003 + epoch * 1009 + self.rank
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
-        return epoch
+        import json
+
+        return {"epoch": epoch, "cursor": json.loads(state["cursor"]) if state.get("cursor") else None,
+                "epoch_samples": json.loads(state.get("epoch_samples") or "[]")}
 
     def init_weights(self, state: dict) -> str:
         return load_weights(self.bare_model, state)
@@ -266,19 +327,20 @@ def epoch_line(label: str, epoch: int, epochs: int, m: dict) -> str:
 
 
 def train_worker(config: dict) -> None:
-    """Entry point of each Ray Train worker."""
-    import json
-
+    """Entry point of each Ray Train worker: the node's data, the trainer, then epochs of steps
+    with checkpoints at step boundaries (control.py) and one report per epoch."""
     import ray.train
     import ray.train.torch
 
     _quiet_ray_train_logs()
     from ..data.manifest import ShardManifest
-    from ..data.node_cache import NodeSplit, node_reads
+    from ..data.node_data import prepare
     from ..tracking import RunLog
+    from .control import RunControl, epoch_checkpoint_due
     from .probe import check_largest_step
     from .run_events import RunEvents
 
+    started = time.time()
     cfg = TrainConfig(**config["train"])
     manifest = ShardManifest.model_validate(config["manifest"])
     storage, events = config["storage"], RunEvents(config["storage"], config["run_dir"])
@@ -287,56 +349,75 @@ def train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    label = config.get("label", "train")
 
-    # Which node each rank runs on, and what each node's cache already holds: every rank then
-    # computes the same assignment, keeping shards where they are.
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    # Each node measured where it runs (nodes that joined late too); every rank then makes the
+    # same decisions, and each node fetches its share while the ranks wait in short collectives.
     node = ray.get_runtime_context().get_node_id()
-    held = {split: NodeSplit(storage, cfg.data, manifest, split, cfg.loader.cache_dir).held()
-            for split in ("train", "val")}
-    everyone = gather((node, held), world)
-    rank_nodes = [n for n, _ in everyone]
+    reads, plan, facts, fetched = prepare(
+        storage, cfg.data, manifest, cfg.loader, rank, node, cfg.recipe.seed, cfg.global_batch,
+        gather=lambda value: gather(value, world),
+        any_pending=lambda pending: any_true(pending, world, device))
+    rank_nodes = [g for g in gather(node, world)]
     # by node id: Ray's local rank goes by IP, which nodes sharing a machine also share
     local_rank = rank_nodes[:rank].count(node)
-    data = config["data"]
-    reads = {}
-    for split in ("train", "val"):
-        reads[split], fetched = node_reads(
-            storage, cfg.data, manifest, split, data["placement"], rank_nodes, rank,
-            cfg.recipe.seed, cfg.loader.cache_dir, cfg.loader.read_mode,
-            data["node_memory"].get(node, 0), cfg.loader.memory_fraction,
-            cfg.loader.max_steps_per_epoch * cfg.recipe.batch_size if split == "train" else 0,
-            holdings={n: h[split] for n, h in everyone})
-        if local_rank == 0:   # what this node holds: for the summary and `bench data`
-            events.add("node_data", node=node, placement=data["placement"], world_size=world,
-                       **fetched)
+    every_fetch = gather(fetched, world)
+    if rank == 0:
+        say(f"[{label}] {plan.line(facts)}")
+    if local_rank == 0:   # what this node holds: for the summary and `bench data`
+        for split, stats in fetched.splits.items():
+            group, _, _ = plan.layouts[split].place(rank)
+            sizes = {s.path: s for s in manifest.splits[split].shards}
+            events.add("node_data", node=node, placement=plan.placement, world_size=world,
+                       stream=plan.streams[node], memory=facts[node].memory,
+                       disk_free=facts[node].disk_free, shards=len(group.shards),
+                       share_bytes=sum(sizes[p].bytes for p in group.shards),
+                       node_samples=sum(sizes[p].samples for p in group.shards), **stats)
+
     classes = [c.model_dump() for c in manifest.classes]
     trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device)
     trainer.lineage = config.get("lineage", {})
-    label = config.get("label", "train")
     if rank == 0:
-        print(f"[{label}] precision: {trainer.precision.description}", flush=True)
+        say(f"[{label}] precision: {trainer.precision.description}")
     fits = check_largest_step(trainer)   # an OOM at max_res ends the run now, not at epoch 13
     if rank == 0 and fits:
-        print(f"[{label}] memory: {fits}", flush=True)
+        say(f"[{label}] memory: {fits}")
     mlflow = None
     if rank == 0 and config.get("tracking"):   # only rank 0 talks to MLflow
         t = config["tracking"]
-        mlflow = RunLog(t["uri"], t["run_id"], storage, t["outbox"],
-                        say=lambda line: print(line, flush=True))
+        mlflow = RunLog(t["uri"], t["run_id"], storage, t["outbox"], say=say)
 
-    start_epoch, resumed_from = 0, None
+    resumed = None
     ckpt = ray.train.get_checkpoint()
     final_metrics = None
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            start_epoch = resumed_from = trainer.load(folder)
+            resumed = trainer.load(folder)
             final_metrics = json.loads(Path(folder, checkpoint.META_FILE).read_text()).get("metrics")
     elif config.get("init_state") is not None:
         note = trainer.init_weights(config["init_state"])
         if rank == 0:
-            print(f"[{label}] init from {cfg.run.init_from}: {note}", flush=True)
+            say(f"[{label}] init from {cfg.run.init_from}: {note}")
+    start_epoch = resumed["epoch"] if resumed else 0
+    cursor = None
+    if resumed and resumed["cursor"]:
+        cursor = Cursor.from_dict(resumed["cursor"])
+        start_epoch = cursor.epoch
+    epoch_samples = resumed["epoch_samples"] if resumed else []
+    counts = reads["train"].layout.place(rank)
     if rank == 0:
-        events.add("start", resumed_from_epoch=resumed_from, world_size=world)
+        events.add("start", resumed_from_epoch=start_epoch if resumed else None,
+                   resumed_from_step=cursor.steps if cursor else 0, world_size=world,
+                   global_batch=trainer.global_batch)
+        if resumed:
+            where = f"epoch {start_epoch + 1} step {cursor.steps}" if cursor else \
+                f"the end of epoch {start_epoch}"
+            say(f"[{label}] resumed from {where}, on {world} worker(s): global batch "
+                f"{trainer.global_batch}, {counts[2]} per worker per step in "
+                f"{-(-counts[2] // cfg.recipe.batch_size)} micro-batch(es)")
 
     epochs = cfg.recipe.epochs
     if start_epoch >= epochs and final_metrics:
@@ -345,34 +426,123 @@ def train_worker(config: dict) -> None:
         ray.train.report(final_metrics)
         return
 
-    def first_step():
-        if rank == 0:
-            events.add("first_step")
-        if local_rank == 0:
-            events.add("node_first_step", node=node)
+    control = RunControl(cfg, rank, world, device, label, get_notice=ray.train.get_preemption_info,
+                         mlflow=mlflow, say=say,
+                         on_progress=lambda e, k: events.add("progress", epoch=e, step=k))
 
-    on_first = first_step
+    def save_and_report(metrics: dict, done_epochs: int, cur: Cursor | None, name: str) -> float:
+        """A checkpoint on every rank's word (a collective); returns its seconds."""
+        began = time.monotonic()
+        rng = trainer.rng_states()
+        with tempfile.TemporaryDirectory() as folder:
+            report_ckpt = None
+            if rank == 0:
+                trainer.save(folder, done_epochs, metrics, rng, cur.to_dict() if cur else None,
+                             epoch_samples)
+                report_ckpt = ray.train.Checkpoint.from_directory(folder)
+            # unique per attempt: a re-done step never lands in a half-written folder
+            ray.train.report(metrics, checkpoint=report_ckpt,
+                             checkpoint_dir_name=f"{name}-{uuid.uuid4().hex[:6]}")
+        seconds = time.monotonic() - began
+        control.checkpointed(seconds)
+        if rank == 0:
+            at = (cur.epoch, cur.steps) if cur else (done_epochs, 0)
+            events.add("checkpoint", epoch=at[0], step=at[1], seconds=round(seconds, 2))
+        return seconds
+
+    first = {"pending": True}
     for epoch in range(start_epoch, epochs):
-        train_stats = trainer.train_loop(epoch, on_first_step=on_first)
-        on_first = None
+        ids = reads["train"].ids
+        if cursor is None or cursor.epoch != epoch:
+            cursor = Cursor(epoch, cfg.recipe.seed, trainer.global_batch)
+        done = read_before(ids, cursor) if cursor.segments else None
+        segment = Segment(reads["train"].layout)
+        cursor.segments.append(segment)
+        steps_before = cursor.steps
+        left = max(0, cfg.loader.max_steps_per_epoch - steps_before) \
+            if cfg.loader.max_steps_per_epoch else 0
+        plan_reads = reads["train"].epoch(epoch, cfg.recipe.seed, done, left)
+        epoch_steps = steps_before + plan_reads.steps
+        base = (cursor.samples, cursor.digest)
+        control.start_epoch(epoch_steps)
+        epoch_began = time.monotonic()
+
+        def after_step(step: int, step_s: float, wait_s: float, loss) -> None:
+            if first["pending"]:
+                first["pending"] = False
+                first_step_done(events, rank, local_rank, node, label, started, every_fetch, say)
+            segment.steps = step + 1 - steps_before
+            action = control.after_step(epoch, step, epoch_steps, step_s, wait_s, loss,
+                                        epoch * epoch_steps + step + 1)
+            if action is None:
+                return
+            count, digest = trainer.read_digest(plan_reads, segment.steps)
+            cursor.samples, cursor.digest = base[0] + count, (base[1] + digest) % 2**64
+            metrics = {"epoch": epoch, "step": step + 1, "mid_epoch": True,
+                       "checkpoint_score": -1.0}
+            seconds = save_and_report(metrics, epoch, cursor, f"step-{epoch + 1:04d}-{step + 1:06d}")
+            if action in ("notice", "final") and rank == 0:
+                n = control.notice
+                left_s = f"{n.deadline - time.time():.0f} s" if n.deadline else "no deadline"
+                say(f"[{label}] preemption notice: node(s) {', '.join(x[:8] for x in n.nodes)} "
+                    f"(ranks {n.ranks}) go in {left_s}; checkpointed epoch {epoch + 1} step "
+                    f"{step + 1} in {seconds:.1f} s" + (", the last before the deadline: "
+                                                        "waiting for the restart" if action == "final" else ""))
+                events.add("preemption_checkpoint", notice=action == "notice", nodes=n.nodes,
+                           ranks=n.ranks, deadline=n.deadline, seen=n.seen, epoch=epoch,
+                           step=step + 1, seconds=round(seconds, 2))
+            if action == "final":
+                control.wait_for_stop()
+
+        train_stats = trainer.train_loop(epoch, plan_reads, steps_before, after_step)
+        segment.steps = plan_reads.steps
+        count, digest = trainer.read_digest(plan_reads, plan_reads.steps)
+        record = {"epoch": epoch + 1, "samples": base[0] + count,
+                  "digest": digest_hex(base[1] + digest)}
+        epoch_samples = [e for e in epoch_samples if e["epoch"] != epoch + 1] + [record]
+        cursor = None
         metrics = {"epoch": epoch + 1, **train_stats, **trainer.val_loop(),
-                   "world_size": world, "resumed_from_epoch": resumed_from}
+                   "world_size": world, "resumed_from_epoch": start_epoch if resumed else None,
+                   "epoch_samples": record["samples"]}
+        metrics["checkpoint_score"] = metrics["val_top1"]
+        control.epoch_s_estimate = time.monotonic() - epoch_began   # for the run's ETA
         # Said and logged before the report: a trial that ASHA stops is ended inside report(),
         # and its last epoch would otherwise reach neither the terminal nor MLflow.
         if mlflow is not None:
-            mlflow.log(metrics, epoch + 1)
+            mlflow.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                        and not isinstance(v, bool)}, epoch + 1)
         if rank == 0:
-            print(epoch_line(label, epoch + 1, epochs, metrics), flush=True)
-        last = epoch + 1 == epochs
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:
-            rng = trainer.rng_states()
-            with tempfile.TemporaryDirectory() as folder:
-                report_ckpt = name = None
-                if rank == 0:
-                    trainer.save(folder, epoch + 1, metrics, rng)
-                    report_ckpt = ray.train.Checkpoint.from_directory(folder)
-                    # unique per attempt: a re-done epoch never lands in a half-written folder
-                    name = f"epoch-{epoch + 1:04d}-{uuid.uuid4().hex[:6]}"
-                ray.train.report(metrics, checkpoint=report_ckpt, checkpoint_dir_name=name)
+            say(epoch_line(label, epoch + 1, epochs, metrics))
+        if epoch_checkpoint_due(epoch, epochs, control.amount, control.unit):
+            save_and_report(metrics, epoch + 1, None, f"epoch-{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+
+
+def any_true(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether any rank says True (a collective)."""
+    if world == 1 or not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def first_step_done(events, rank: int, local_rank: int, node: str, label: str, started: float,
+                    every_fetch: list, say) -> None:
+    """Events of the first step, and on rank 0 one line: how long the workers took to step,
+    and the slowest node's fetch (the wait every rank shared)."""
+    if rank == 0:
+        events.add("first_step")
+        nodes: dict[str, list] = {}   # ranks of one node share its fetch: the one that did it
+        for f in every_fetch:
+            got = nodes.setdefault(f.node, [0.0, 0])
+            got[0], got[1] = max(got[0], f.seconds), max(got[1], f.bytes_downloaded)
+        node_id, (seconds, size) = max(nodes.items(), key=lambda kv: kv[1][0])
+        total = sum(b for _, b in nodes.values())
+        rate = f" ({size / seconds / 1e6:.1f} MB/s)" if seconds and size else ""
+        say(f"[{label}] first step {time.time() - started:.1f} s after the workers started; "
+            f"data: {total / 1e6:.0f} MB fetched by {len(nodes)} node(s), the slowest "
+            f"({node_id[:8]}) {size / 1e6:.0f} MB in {seconds:.1f} s{rate}")
+    if local_rank == 0:
+        events.add("node_first_step", node=node)

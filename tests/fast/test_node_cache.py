@@ -8,7 +8,10 @@ import pytest
 
 from pipeline.config import WriterSettings
 from pipeline.data.manifest import ClassInfo, ShardInfo, ShardManifest, SplitInfo
+from pipeline.data import node_cache
 from pipeline.data.node_cache import NodeSplit
+from pipeline.data.node_data import local_map
+from pipeline.data.placement import SampleIds
 from pipeline.data.shards import write_beton
 from pipeline.errors import UserError
 from pipeline.storage import Storage, sha256_file
@@ -51,13 +54,18 @@ def test_holds_only_what_it_was_given_and_grows_in_place(dataset, tmp_path):
     state, stats = node.ensure(paths[:2])
     assert stats.shards_fetched == 2 and stats.bytes_downloaded == sum(
         s.bytes for s in manifest.splits["train"].shards[:2])
-    assert sorted(labels(node.path, node.indices(state, paths[:2])).tolist()) == list(range(15))
+    ids = SampleIds(manifest.splits["train"].shards)
+    local = local_map(ids, state)
+    assert sorted(labels(node.path, local[ids.of(paths[:2])]).tolist()) == list(range(15))
+    assert (local[ids.of(paths[2:])] == -1).all()   # not held here
     share = stats.bytes_downloaded
     assert node.path.stat().st_size <= 1.1 * share + 2 * 2**21   # no second copy
     state, stats = node.ensure([paths[4], paths[0]])              # keeps 0, fetches 4 only
     assert (stats.shards_fetched, stats.shards_kept) == (1, 1)
-    got = labels(node.path, node.indices(state, [paths[0], paths[4]])).tolist()
-    assert got == list(range(7)) + list(range(7 + 8 + 9 + 10, 7 + 8 + 9 + 10 + 11))
+    # global sample id -> the node file's sample: the label (= global number) comes back
+    local = local_map(ids, state)
+    wanted = ids.of([paths[0], paths[4]])
+    assert labels(node.path, local[wanted]).tolist() == wanted.tolist()
     again = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
     assert again.ensure(paths[:2])[1].shards_fetched == 0          # reused, checked
 
@@ -90,7 +98,7 @@ def test_a_file_that_does_not_match_its_state_is_rebuilt(dataset, tmp_path):
     assert stats.shards_fetched == 3 and len(labels(node.path)) == 7 + 8 + 9
 
 
-def test_disk_full_is_one_line_and_no_file_left(dataset, tmp_path, monkeypatch):
+def test_disk_full_before_fetching_is_one_line_and_no_file_left(dataset, tmp_path, monkeypatch):
     import shutil
 
     root, manifest = dataset
@@ -99,6 +107,73 @@ def test_disk_full_is_one_line_and_no_file_left(dataset, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"node cache .*needs \d+ bytes .* 100 are free"):
         node.ensure([manifest.splits["train"].shards[0].path])
     assert not node.path.exists() and not list(node.folder.glob("*.part"))
+
+
+def failing_writes_after(monkeypatch, limit: int, error: int):
+    """os.pwrite into the node file fails with `error` once `limit` bytes went in: a disk that
+    fills up (or a node that dies) in the middle of a fetch."""
+    import errno  # noqa: F401
+
+    real, written = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        if written[0] + len(data) > limit:
+            raise OSError(error, os.strerror(error))
+        written[0] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(node_cache.os, "pwrite", pwrite)
+
+
+def test_disk_full_in_the_middle_of_a_fetch_keeps_what_was_complete(dataset, tmp_path,
+                                                                    monkeypatch):
+    """A real ENOSPC from a write halfway through: one line naming the folder, the file cut
+    back to its last complete state (here: the shards committed before), nothing half-written."""
+    import errno
+
+    root, manifest = dataset
+    paths = [s.path for s in manifest.splits["train"].shards]
+    node = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
+    first, _ = node.ensure(paths[:2])
+    size = node.path.stat().st_size
+    failing_writes_after(monkeypatch, manifest.splits["train"].shards[2].bytes // 2, errno.ENOSPC)
+    with pytest.raises(UserError, match=f"node cache {node.folder}: the disk filled up while "
+                                        "fetching the train shards"):
+        node.ensure(paths[:5])
+    assert node.path.stat().st_size == size
+    kept = node.current()
+    assert kept is not None and [s.path for s in kept.shards] == paths[:2]
+    monkeypatch.undo()
+    _, stats = node.ensure(paths[:5])   # space again: only the missing ones are fetched
+    assert (stats.shards_kept, stats.shards_fetched) == (2, 3)
+
+
+def test_a_fetch_killed_halfway_resumes_with_the_shards_it_completed(dataset, tmp_path,
+                                                                     monkeypatch):
+    import errno
+
+    root, manifest = dataset
+    shards = manifest.splits["train"].shards
+    paths = [s.path for s in shards]
+    monkeypatch.setattr(node_cache, "COMMIT_BYTES", 1)   # commit after every shard
+    node = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
+    real = NodeSplit._stream_into
+
+    def dies_on_the_fourth(self, fd, shard, layout, target):   # the node dies mid-stream
+        if shard.path == paths[3]:
+            raise OSError(errno.EIO, "connection lost")
+        return real(self, fd, shard, layout, target)
+
+    monkeypatch.setattr(NodeSplit, "_stream_into", dies_on_the_fourth)
+    with pytest.raises(OSError):
+        node.ensure(paths)
+    monkeypatch.setattr(NodeSplit, "_stream_into", real)
+    held = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache")).held()
+    assert held == set(paths[:3])
+    state, stats = node.ensure(paths)
+    assert (stats.shards_kept, stats.shards_fetched) == (3, 3)
+    ids = SampleIds(shards)
+    assert labels(node.path, local_map(ids, state)[ids.of(paths)]).tolist() == list(range(ids.total))
 
 
 def test_the_cache_folder_is_private(tmp_path):

@@ -1,12 +1,17 @@
 """Which node holds which shards, and which samples each rank reads."""
 from __future__ import annotations
 
-from collections import Counter
+import hashlib
+import itertools
 
 import numpy as np
+import pytest
 
 from pipeline.data.manifest import ShardInfo
-from pipeline.data.placement import assign, epoch_order, plan_reads
+from pipeline.data.placement import (STREAM_WINDOW, Cursor, SampleIds, Segment, assign,
+                                     choose_placement, digest_hex, epoch_reads, group_sequence,
+                                     order_style, plan_layout, rank_counts, read_before, streams,
+                                     val_part)
 
 SHARDS = [ShardInfo(path=f"train/shard-{i:05d}.beton", samples=100 if i < 30 else 37,
                     bytes=1000, sha256="a" * 64) for i in range(31)]
@@ -59,31 +64,161 @@ def test_a_split_of_one_shard_lost_with_its_node_goes_to_whichever_node_ranks_it
     assert fetched_by == {"stayed", "new"}
 
 
-def test_every_rank_reads_the_same_count_and_no_sample_twice_per_epoch():
-    rank_nodes = ["a", "a", "b", "c"]          # node a runs two workers
-    plans = [plan_reads(SHARDS, "node", rank_nodes, r, seed=3) for r in range(4)]
-    assert len({p.per_rank for p in plans}) == 1
-    offsets = {s.path: i * 100 for i, s in enumerate(SHARDS)}   # fake sample ids per shard
+# -- the order of an epoch over global sample ids ---------------------------------------------
+
+IDS = SampleIds(SHARDS)
+
+
+def read_epoch(layout, seed, epoch, done=None, max_steps=0):
+    """Every rank's reads of one epoch: (ids read per rank, steps)."""
+    world = sum(len(g.ranks) for g in layout.groups)
+    out = [epoch_reads(IDS, layout, r, seed, epoch, done, max_steps) for r in range(world)]
+    assert len({r.steps for r in out}) == 1          # every rank steps equally often
+    return [r.gids for r in out], out[0].steps
+
+
+def test_sample_ids_and_the_digest_are_as_the_contract_says():
+    assert IDS.total == TOTAL and IDS.name(100) == "train/shard-00001.beton#0"
+    gids = np.array([0, 5, 3030])
+    want = sum(int.from_bytes(hashlib.sha256(IDS.name(g).encode()).digest()[:8], "little")
+               for g in gids) % 2**64
+    assert IDS.digest(gids) == want and digest_hex(want) == f"{want:016x}"
+    assert IDS.digest(gids[::-1]) == want   # a set's digest: order does not matter
+
+
+@pytest.mark.parametrize("placement,style,rank_nodes", list(itertools.product(
+    ["global", "node"], ["random", "stream"],
+    [["a"], ["a", "b"], ["a", "a", "b"], ["a", "b", "c", "c"]])))
+def test_each_epoch_reads_every_sample_at_most_once_and_drops_only_a_remainder(
+        placement, style, rank_nodes):
+    batch = 8
+    layout = plan_layout(SHARDS, placement, rank_nodes, seed=3, global_batch=batch * len(rank_nodes),
+                         style=style)
+    b = layout.global_batch
     for epoch in (0, 1):
-        seen = []
-        for p in plans:
-            ids = np.concatenate([np.arange(offsets[s], offsets[s] + next(
-                x.samples for x in SHARDS if x.path == s)) for s in p.shards])
-            mine = epoch_order(ids, p.part, p.parts, p.per_rank, 3, epoch)
-            assert len(mine) == p.per_rank
-            seen.extend(mine.tolist())
-        assert len(seen) == len(set(seen))
-    g = [plan_reads(SHARDS, "global", rank_nodes, r, seed=3) for r in range(4)]
-    assert {p.per_rank for p in g} == {TOTAL // 4} and [p.part for p in g] == [0, 1, 2, 3]
+        per_rank, steps = read_epoch(layout, 3, epoch)
+        seen = np.concatenate(per_rank)
+        assert len(seen) == len(set(seen.tolist())) == steps * b
+        if placement == "global":   # only the remainder that does not fill a global batch
+            assert TOTAL - len(seen) < b
+        else:                        # per node: the same within each node's share
+            for g in layout.groups:
+                share = len(IDS.of(g.shards))
+                mine = np.concatenate([per_rank[r] for r in g.ranks])
+                assert set(mine.tolist()) <= set(IDS.of(g.shards).tolist())
+                assert share - len(mine) < g.per_step or steps < share // g.per_step
+    # a new order every epoch, the same one for the same (seed, epoch)
+    assert not np.array_equal(read_epoch(layout, 3, 0)[0][0], read_epoch(layout, 3, 1)[0][0])
+    assert np.array_equal(read_epoch(layout, 3, 1)[0][0], read_epoch(layout, 3, 1)[0][0])
 
 
-def test_stream_order_reads_whole_pages_in_windows():
-    ids = np.arange(1000)
-    pages = ids // 10                          # 10 samples per page
-    a = epoch_order(ids, 0, 2, 500, seed=1, epoch=0, pages=pages)
-    b = epoch_order(ids, 1, 2, 500, seed=1, epoch=0, pages=pages)
-    assert not set(a) & set(b) and len(set(a)) == 500
-    # each rank touches about half the pages, not all of them
-    assert len(set(pages[a])) <= 51 and len(set(pages[b])) <= 51
-    assert not np.array_equal(a, epoch_order(ids, 0, 2, 500, seed=1, epoch=1, pages=pages))
-    assert Counter(np.diff(np.sort(a)) == 1)[True] > 400   # contiguous runs of pages
+def test_the_order_depends_on_the_shards_not_on_how_a_node_lists_or_holds_them():
+    for style in ("random", "stream"):
+        a = group_sequence(IDS, [s.path for s in SHARDS], 5, 2, style)
+        b = group_sequence(IDS, [s.path for s in reversed(SHARDS)], 5, 2, style)
+        assert np.array_equal(a, b)
+
+
+def test_stream_order_reads_each_shard_from_first_to_last_sample_a_few_shards_at_a_time():
+    big = SampleIds([ShardInfo(path=f"train/shard-{i:05d}.beton", samples=3000, bytes=1,
+                               sha256="a" * 64) for i in range(10)])
+    seq = group_sequence(big, big.paths, seed=1, epoch=0, style="stream")
+    assert sorted(seq.tolist()) == list(range(big.total))
+    shard_of = np.searchsorted(big.offsets, seq, side="right") - 1
+    window = np.arange(len(seq)) // STREAM_WINDOW
+    for k in range(10):
+        where = np.flatnonzero(shard_of == k)
+        index = seq[where] - big.offsets[k]
+        # its samples in its own order, shuffled only within a window: its pages are read
+        # once, in order, and let go of
+        assert np.all(np.diff(window[where][np.argsort(index)]) >= 0)
+        assert np.ptp(window[where]) <= 4 * 3000 // STREAM_WINDOW + 1
+    for w in np.unique(window):   # a few shards at a time
+        assert len(set(shard_of[window == w].tolist())) <= 8
+
+
+@pytest.mark.parametrize("placement", ["global", "node"])
+@pytest.mark.parametrize("style", ["random", "stream"])
+def test_an_epoch_interrupted_at_a_step_resumes_with_exactly_the_rest(placement, style):
+    """Resumed on the same nodes: exactly the samples of the undisturbed epoch. Resumed on fewer
+    workers with the same global batch (global placement): the same too."""
+    nodes = ["a", "a", "b", "b"]
+    layout = plan_layout(SHARDS, placement, nodes, 7, global_batch=32, style=style)
+    full, steps = read_epoch(layout, 7, 1)
+    everything = np.concatenate(full)
+    for stop in (0, 1, steps // 2, steps - 1):
+        cursor = Cursor(1, 7, 32, [Segment(layout, stop)])
+        done = read_before(IDS, cursor)
+        assert done.sum() == stop * 32
+        after = [layout] if placement == "node" else [
+            layout, plan_layout(SHARDS, "global", ["a", "a"], 7, 32, style=style),
+            plan_layout(SHARDS, "global", ["a", "b", "c"], 7, 32, style=style)]
+        for new in after:
+            rest, more = read_epoch(new, 7, 1, done)
+            assert stop + more == steps
+            got = np.concatenate([np.flatnonzero(done), *rest])
+            assert sorted(got.tolist()) == sorted(everything.tolist())
+            assert IDS.digest(got) == IDS.digest(everything)
+
+
+def test_resumed_on_other_nodes_in_the_per_node_placement_no_sample_is_read_twice():
+    before = plan_layout(SHARDS, "node", ["a", "b", "c"], 2, 24)
+    cursor = Cursor(0, 2, 24, [Segment(before, 40)])
+    after = plan_layout(SHARDS, "node", ["a", "d"], 2, 24, holdings={
+        "a": set(before.groups[0].shards)})
+    cursor2 = Cursor(0, 2, 24, [Segment(before, 40), Segment(after, 10)])
+    done = read_before(IDS, cursor2)
+    rest, _ = read_epoch(after, 2, 0, done)
+    got = np.concatenate([np.flatnonzero(done), *rest])
+    assert len(got) == len(set(got.tolist()))
+    assert done.sum() == 40 * 24 + 10 * 24
+
+
+def test_a_cursor_and_a_layout_survive_json():
+    import json
+
+    layout = plan_layout(SHARDS, "node", ["x", "y", "y"], 1, 30, style="stream")
+    cursor = Cursor(3, 1, 30, [Segment(layout, 4)], samples=120, digest=2**64 - 5)
+    back = Cursor.from_dict(json.loads(json.dumps(cursor.to_dict())))
+    assert back == cursor and back.steps == 4
+
+
+def test_counts_split_a_global_batch_as_evenly_as_can_be():
+    assert rank_counts(32, 2) == [16, 16] and rank_counts(32, 3) == [11, 11, 10]
+    assert rank_counts(32, 1) == [32]
+    with pytest.raises(ValueError):
+        rank_counts(2, 3)
+
+
+def test_validation_reads_every_sample_exactly_once():
+    for placement, nodes in (("global", ["a", "b", "b"]), ("node", ["a", "b", "b"])):
+        layout = plan_layout(SHARDS, placement, nodes, 0, len(nodes))
+        parts = [val_part(IDS, layout, r) for r in range(3)]
+        got = np.concatenate(parts)
+        assert sorted(got.tolist()) == list(range(TOTAL))
+
+
+GB = 1e9
+
+
+@pytest.mark.parametrize("setting,size,memory,disk,want", [
+    ("auto", 10 * GB, [64 * GB, 32 * GB], [500 * GB] * 2, "global"),
+    ("auto", 20 * GB, [64 * GB, 32 * GB], [500 * GB] * 2, "node"),       # over 0.5 of 32 GB
+    ("auto", 10 * GB, [64 * GB, 64 * GB], [500 * GB, 8 * GB], "node"),   # one cache disk too small
+    ("global", 900 * GB, [1 * GB], [1 * GB], "global"),
+    ("node", 1 * GB, [64 * GB], [500 * GB], "node"),
+])
+def test_placement_is_chosen_from_the_nodes_that_hold_workers(setting, size, memory, disk, want):
+    placement, why = choose_placement(setting, int(size), memory, disk, 0.5)
+    assert placement == want
+    if setting == "auto":   # the line names the figures it decided from
+        assert f"{size / GB:.1f} GB" in why and f"{min(memory) / GB:.1f} GB" in why
+        assert f"{min(disk) / GB:.1f} GB" in why
+    with pytest.raises(ValueError):
+        choose_placement("auto", 1, [], [], 0.5)   # never from nodes that are not there
+
+
+def test_read_mode_and_the_order_every_rank_shares():
+    assert streams("auto", 40, memory=64, fraction=0.5) and not streams("auto", 30, 64, 0.5)
+    assert streams("stream", 1, 64, 0.5) and not streams("memory", 10**12, 64, 0.5)
+    assert order_style([False, False]) == "random" and order_style([False, True]) == "stream"
