@@ -3,7 +3,8 @@ how their metrics survive an outage of the server.
 
 The tracking URI comes from --tracking-uri, else MLFLOW_TRACKING_URI, else the embedded store
 sqlite:///<cwd>/mlflow.db with artifacts beside it in <cwd>/mlartifacts (a database-backed store,
-which the model registry needs).
+which the model registry needs). Not inside a Ray job: its cwd is the job's unpacked working dir,
+deleted with the job, and a store there would take every run with it (store_lost_with_job).
 """
 from __future__ import annotations
 
@@ -33,9 +34,81 @@ class Tracking:
     trial_id: str | None = None
 
 
-def tracking_uri(explicit: str | None = None) -> str:
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+WORKING_DIR_FILES = "/runtime_resources/working_dir_files/"   # where Ray unpacks a job's working_dir
+UNNAMED_JOB = "a Ray job"
+
+
+def tracking_uri(explicit: str | None = None, env=None, cwd: Path | None = None) -> str:
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    uri = explicit or env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cwd / 'mlflow.db'}"
+    problem = store_lost_with_job(uri, explicit or env.get("MLFLOW_TRACKING_URI") or None, env, cwd)
+    if problem:
+        raise UserError(problem)
+    return uri
+
+
+def submitted_job_id(env) -> str | None:
+    """The submission id of the Ray job whose driver this is: Ray 2.60 hands a job's driver its
+    JobConfig (metadata included) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    try:
+        job = (json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}) \
+            .get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+    return str(job) if job else None
+
+
+def ray_job(env, cwd: Path) -> str | None:
+    """The Ray job this process runs in (its submission id, or "a Ray job" when only the cwd
+    says so: a job's tasks and actors, like its driver, run in the unpacked working dir)."""
+    return submitted_job_id(env) or (UNNAMED_JOB if job_working_dir(cwd) else None)
+
+
+def local_store(uri: str, cwd: Path) -> Path | None:
+    """Where a local tracking store keeps its data (sqlite:///, file:, a plain path); None for
+    a server."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+    elif uri.startswith("file:"):
+        path = uri[len("file:"):].removeprefix("//")
+    elif "://" in uri or uri.startswith(("databricks", "http")):
+        return None
+    else:
+        path = uri
+    return cwd / path if not os.path.isabs(path) else Path(path)
+
+
+def job_working_dir(cwd: Path) -> Path | None:
+    """The unpacked working dir of a Ray job that cwd lies in (deleted with the job), else None."""
+    text = f"{cwd}/"
+    if WORKING_DIR_FILES not in text:
+        return None
+    return Path(text[:text.index(WORKING_DIR_FILES) + len(WORKING_DIR_FILES)])
+
+
+def store_lost_with_job(uri: str, given: str | None, env, cwd: Path) -> str | None:
+    """Inside a Ray job, the default store (nothing given: sqlite:///<cwd>/mlflow.db) and any
+    local store inside the job's unpacked working dir are lost with the job, runs and registry
+    with them: why, in one line, and how to pass a lasting URI. None when the store lasts."""
+    job = ray_job(env, cwd)
+    store = local_store(uri, cwd) if job else None
+    if store is None:
+        return None
+    tmp = job_working_dir(cwd)
+    inside = tmp is not None and os.path.normpath(store).startswith(str(tmp))
+    if given and not inside:
+        return None   # an explicit local path that outlives the job: the user's choice
+    what = f"the MLflow tracking store {redact(given)}" if given else \
+        f"no MLflow tracking URI is set, and the default store sqlite:///{store}"
+    where = "would be written into the job's working dir, deleted with the job" if inside else \
+        "would be written on whichever node runs the job's driver, where nothing reads it"
+    inside_job = UNNAMED_JOB if job == UNNAMED_JOB else f"Ray job {job}"
+    return (f"inside {inside_job} {what} {where}: pass a tracking server's URI in the job's "
+            "environment (`ray job submit --runtime-env-json '{\"env_vars\": "
+            "{\"MLFLOW_TRACKING_URI\": \"http://HOST:5000\"}}'`, the RayJob's runtimeEnvYAML "
+            "env_vars, or `pipeline submit`, which forwards your MLFLOW_TRACKING_URI), or "
+            "--tracking-uri with a path that outlives the job")
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -110,7 +183,7 @@ def lineage_tags(data_uri: str, manifest_sha256: str, trial_id: str | None = Non
     commit = git_commit()
     if commit:
         tags["pipeline.git_commit"] = commit
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("PIPELINE_RAY_JOB_ID")
+    job = os.environ.get("PIPELINE_RAY_JOB_ID") or submitted_job_id(os.environ)
     if job:
         tags["pipeline.ray_job_id"] = job
     if trial_id:
@@ -266,6 +339,18 @@ def download_model(model_uri: str, uri: str | None = None) -> Path:
     except MlflowException as exc:
         raise UserError(f"{model_uri}: no such registered model, version or alias "
                         f"({str(exc).splitlines()[0][:200]})") from exc
+
+
+def registered_files(model_uri: str, uri: str | None = None) -> Path:
+    """The folder of a registered model holding what `pipeline register` logged beside the
+    network (classes.json, preprocessing.json, model.json, checkpoint.pt): the pyfunc's
+    artifacts/, or extra_files/ in versions registered before the model served itself."""
+    root = download_model(model_uri, uri)
+    for sub in ("artifacts", "extra_files"):
+        if (root / sub / "classes.json").exists():
+            return root / sub
+    raise UserError(f"{model_uri}: was not registered by `pipeline register` (no classes.json "
+                    "in its artifacts/ or extra_files/)")
 
 
 class TrackedRun:
