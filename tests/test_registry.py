@@ -1,13 +1,19 @@
 """The MLflow model registry against a real `mlflow server`: promotion, races, ties, errors."""
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import PIPELINE, last_json, mlflow_client, run_cli
+from helpers import PIPELINE, last_json, mlflow_client, run_cli, wait_for
 
 
 from pipeline.config import TrainConfig
@@ -21,9 +27,9 @@ CLASSES = [{"index": i, "wnid": f"n0000000{i}", "name": f"class {i}"} for i in r
 
 
 def make_checkpoint(folder: Path, val_top1: float, val_set: str = "v" * 64,
-                    classes: list[dict] = CLASSES) -> str:
+                    classes: list[dict] = CLASSES, lr_tta: bool = True) -> str:
     """A checkpoint as training writes it (weights are random: only the score matters here)."""
-    cfg = TrainConfig(arch="resnet18", val_res=32)
+    cfg = TrainConfig(arch="resnet18", val_res=32, lr_tta=lr_tta)
     folder.mkdir(parents=True)
     model = build_model("resnet18", len(classes), blurpool=True)
     checkpoint.save(folder, model=model.state_dict(), optimizer={}, scaler={}, epoch=1, rng=[],
@@ -50,29 +56,47 @@ def register_cmd(checkpoint: str, model: str, uri: str) -> list[str]:
 
 
 def test_racing_registrations_leave_one_champion_the_best(mlflow_server, tmp_path):
+    """Two registrations both read champion v1 and decide to replace it before either writes
+    (each is held between its read-compare and its writes: PIPELINE_TEST_PROMOTION_BARRIER);
+    then the better one writes first and the worse one last, the order in which a plain
+    read-compare-write leaves the worse one champion, since it beat v1 too."""
     uri = mlflow_server.uri
     first = last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / "a", 0.50), "race", uri)[1:]).stdout)
     assert first["decision"] == "champion" and first["previous_champion_val_top1"] is None
-    procs = [subprocess.Popen(register_cmd(make_checkpoint(tmp_path / name, score), "race", uri),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, TQDM_DISABLE="1"))
-             for name, score in (("b", 0.60), ("c", 0.70))]
-    outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr[-3000:]
-        outs.append(last_json(stdout))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = dict(os.environ, TQDM_DISABLE="1", PIPELINE_TEST_PROMOTION_BARRIER=str(barrier))
+    procs = {score: subprocess.Popen(register_cmd(make_checkpoint(tmp_path / name, score), "race", uri),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name, score in (("b", 0.60), ("c", 0.70))}
+
+    def both_have_read():
+        for p in procs.values():
+            assert p.poll() is None, p.communicate()[1][-3000:]
+        return len(list(barrier.glob("read-*"))) == 2
+
+    wait_for(both_have_read, "both registrations holding after their read-compare", 300)
     client = mlflow_client(uri)
+    version_of = {float(v.tags["pipeline.val_top1"]): v.version
+                  for v in client.search_model_versions("name = 'race'")}
+    outs = {}
+    for score in (0.70, 0.60):   # the better one writes first
+        (barrier / f"go-{version_of[score]}").touch()
+        stdout, stderr = procs[score].communicate(timeout=300)
+        assert procs[score].returncode == 0, stderr[-3000:]
+        outs[score] = last_json(stdout)
+    # both compared with v1: the race happened
+    assert [outs[s]["previous_champion_version"] for s in (0.60, 0.70)] == ["1", "1"]
+    assert outs[0.70]["decision"] == "champion"
+    assert outs[0.60]["decision"] == "challenger"
+    assert f"version {version_of[0.70]}, registered at the same time, is better" in outs[0.60]["reason"]
     champion = client.get_model_version_by_alias("race", "champion")
-    assert champion.tags["pipeline.val_top1"] == "0.7"
-    versions = [v.version for v in client.search_model_versions("name = 'race'")]
-    assert sorted(versions) == ["1", "2", "3"]
-    holders = [v for v in versions if "champion" in client.get_model_version("race", v).aliases]
-    assert holders == [champion.version]
-    for out in outs:   # each decision and both numbers are stored on its version
+    assert champion.version == version_of[0.70] and champion.tags["pipeline.val_top1"] == "0.7"
+    assert client.get_model_version_by_alias("race", "challenger").version == version_of[0.60]
+    for out in outs.values():   # each decision and both numbers are stored on its version
         tags = client.get_model_version("race", out["model_version"]).tags
         assert tags["pipeline.promotion.decision"] == out["decision"]
-        assert "pipeline.promotion.previous_champion_val_top1" in tags
+        assert tags["pipeline.promotion.previous_champion_val_top1"] == "0.5"
 
     tie = last_json(run_cli(*register_cmd(make_checkpoint(tmp_path / "d", 0.70), "race", uri)[1:]).stdout)
     assert tie["decision"] == "challenger"   # ties keep the old champion
@@ -112,8 +136,15 @@ def test_operators_stay_in_charge_and_only_comparable_models_are_ranked(mlflow_s
     other = register("v5", 1.0, val_set="w" * 64, classes=two)
     assert other["decision"] == "none" and "another validation set" in other["reason"]
     assert champion() == "1"
-    # a better one on the same validation set than the current champion takes over
-    assert register("v6", 0.65)["alias"] == "champion" and champion() == "6"
+    # the same val set scored without flip averaging (v1 was scored with it): not ranked
+    flat = register("v6", 0.99, lr_tta=False)
+    assert flat["decision"] == "none" and "another evaluation protocol" in flat["reason"]
+    assert "(val_res=32 crop_ratio=0.875 lr_tta=off) than champion version 1 " \
+           "(val_res=32 crop_ratio=0.875 lr_tta=on)" in flat["reason"]
+    tags = client.get_model_version("rules", flat["model_version"]).tags
+    assert tags["pipeline.promotion.reason"] == flat["reason"] and champion() == "1"
+    # a better one, measured like the current champion, takes over
+    assert register("v7", 0.65)["alias"] == "champion" and champion() == "7"
 
 
 def _error(*args):
@@ -144,10 +175,84 @@ def test_registry_errors(mlflow_server, tmp_path):
         "--tracking-uri", mlflow_server.uri)
     assert "no such registered model, version or alias" in _error(
         "predict", "--model", "models:/errs@no-such-alias", image, "--tracking-uri", mlflow_server.uri)
-    out = last_json(run_cli("predict", "--model", "models:/errs@champion", image, "--json",
-                            "--tracking-uri", mlflow_server.uri).stdout)
-    top = out["predictions"][0]["top"]
-    assert len(top) == 4 and abs(sum(t["probability"] for t in top) - 1) < 0.01
+
+
+def asymmetric_jpeg() -> bytes:
+    """A picture whose mirror image looks different to any network: flip averaging shows."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:96, 0:128]
+    rgb = np.stack([x * 2, (x * y) % 256, 255 - y * 2], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_the_champion_serves_itself(mlflow_server, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` answers a posted JPEG
+    (base64 in a dataframe_split body, as the README's curl line sends it) with its top-5 wnids,
+    names and probabilities, computed on the protocol the score was measured with (val
+    resolution, crop ratio, flip averaging): the same answer as `pipeline predict` and as the
+    checkpoint's own network. The package is not needed: a `pipeline` that refuses to import
+    comes first on the server's path."""
+    from pipeline.ops.local_services import free_ports, stop_pid, wait_http
+    from pipeline.registry.serving import preprocess
+
+    uri = mlflow_server.uri
+    ckpt = make_checkpoint(tmp_path / "ckpt", 0.9)
+    run_cli("register", "--checkpoint", ckpt, "--model", "served", "--tracking-uri", uri)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(asymmetric_jpeg())
+    predicted = last_json(run_cli("predict", "--model", "models:/served@champion", image, "--json",
+                                  "--tracking-uri", uri).stdout)["predictions"][0]["top"]
+    assert len(predicted) == 4 and abs(sum(t["probability"] for t in predicted) - 1) < 0.01
+
+    # what the score was measured with: the checkpoint's network, 32 px, crop 224/256, flips
+    model = build_model("resnet18", 4, blurpool=True)
+    model.load_state_dict(checkpoint.load_state(Path(ckpt, checkpoint.CHECKPOINT_FILE), ckpt)["model"])
+    meta = json.loads(Path(ckpt, checkpoint.META_FILE).read_text())
+    x = torch.from_numpy(preprocess(asymmetric_jpeg(), meta["preprocessing"]))[None]
+    with torch.no_grad():
+        model.eval()
+        measured = torch.softmax((model(x) + model(torch.flip(x, dims=[3]))) / 2, dim=1)[0]
+        unflipped = torch.softmax(model(x), dim=1)[0]
+    assert not torch.allclose(measured, unflipped, atol=1e-3)   # flips change the answer here
+    expected = sorted(((float(p), CLASSES[i]["wnid"]) for i, p in enumerate(measured)), reverse=True)
+    assert [t["wnid"] for t in predicted] == [w for _, w in expected]
+    assert [t["probability"] for t in predicted] == pytest.approx([p for p, _ in expected], abs=1e-3)
+
+    shadow = tmp_path / "shadow" / "pipeline"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the served model must not need pipeline')\n")
+    port = free_ports(1)[0]
+    bin_dir = os.path.dirname(sys.executable)   # the server runs `uvicorn` from PATH
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(shadow.parent),
+               MLFLOW_TRACKING_URI=uri)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m",
+                             "models:/served@champion", "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", 300, proc)
+        except Exception:
+            raise AssertionError((tmp_path / "serve.log").read_text()[-4000:]) from None
+        body = {"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(asymmetric_jpeg()).decode()], [base64.b64encode(b"junk").decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())["predictions"]
+    finally:
+        stop_pid(proc.pid, timeout=30)
+        log.close()
+    served, junk = answer
+    assert served["error"] == "" and served["wnids"] == [t["wnid"] for t in predicted]
+    assert served["names"] == [t["name"] for t in predicted]
+    assert served["probabilities"] == pytest.approx([p for p, _ in expected], abs=1e-4)
+    assert junk["wnids"] == [] and "not an image" in junk["error"]
 
 
 def test_init_from_a_registered_model_replaces_a_mismatched_head(mlflow_server, tmp_path):

@@ -59,7 +59,8 @@ class ShardManifest(BaseModel):
 
     def val_set_digest(self) -> str:
         """What a val top-1 was measured on: the val shards and the class list. Two models are
-        compared by their scores only when this is the same."""
+        compared by their scores only when this and the evaluation protocol are the same
+        (registry.promote.comparability_key)."""
         val = self.splits.get("val", SplitInfo())
         ident = json.dumps([[c.wnid for c in self.classes], [s.sha256 for s in val.shards]])
         return hashlib.sha256(ident.encode()).hexdigest()

@@ -3,8 +3,9 @@
 A new version becomes champion only when
 - its val top-1 is clearly better than chance (at least `min_val_top1`; default twice chance,
   2 / number of classes),
-- it was evaluated on the same validation set as the current champion (same classes, same val
-  shards: a bigger number on another set says nothing), and
+- its score is comparable with the current champion's: the same validation set (same classes,
+  same val shards) measured the same way (val resolution, crop ratio, flip averaging): a bigger
+  number on another set, or with test-time flips against one without, says nothing, and
 - it beats the version @champion names now (ties keep the old one).
 Otherwise it is registered without the alias (or as @challenger when it merely lost), and the
 decision and its reason are stored on the version. Operators stay in charge: `pipeline promote`
@@ -13,7 +14,8 @@ moves the alias by hand, and later registrations compare with whatever it names.
 from __future__ import annotations
 
 import getpass
-import json
+import hashlib
+import os
 import random
 import tempfile
 import time
@@ -25,13 +27,17 @@ from ..storage import Storage
 from ..tracking import client as tracking_client
 from ..tracking import experiment_id, lineage_tags, safe_params, tracking_uri
 from ..training import checkpoint
+from .packaging import evaluation
 
 SCORE_TAG = "pipeline.val_top1"
 VAL_SET_TAG = "pipeline.val_set"
+PROTOCOL_TAG = "pipeline.eval_protocol"          # e.g. "val_res=256 crop_ratio=0.875 lr_tta=on"
+COMPARABLE_TAG = "pipeline.comparable"           # comparability_key: equal keys, comparable scores
 CLASSES_TAG = "pipeline.num_classes"
 CONTENDS_TAG = "pipeline.promotion.contends"     # the champion a promoted version set out to beat
 ERA_TAG = "pipeline.promotion.era"               # changes whenever an operator moves the alias
 CHAMPION, CHALLENGER, NONE = "champion", "challenger", "none"
+BARRIER_ENV = "PIPELINE_TEST_PROMOTION_BARRIER"
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,41 @@ class Scored:
     score: float | None
     val_set: str | None
     num_classes: int | None
+    protocol: str | None = None
+
+
+def eval_protocol(meta: dict) -> str | None:
+    """How a checkpoint's val top-1 was measured: val resolution, centre crop ratio, left-right
+    flip averaging, as one canonical string; None when the checkpoint does not say (see
+    packaging.evaluation for checkpoints written before meta.json recorded lr_tta)."""
+    prep = evaluation(meta)
+    if any(prep.get(k) is None for k in ("resolution", "crop_ratio", "lr_tta")):
+        return None
+    return (f"val_res={int(prep['resolution'])} crop_ratio={round(float(prep['crop_ratio']), 6):g} "
+            f"lr_tta={'on' if prep['lr_tta'] else 'off'}")
+
+
+def comparability_key(val_set: str | None, protocol: str | None) -> str | None:
+    """Two val top-1s may be ranked only when their keys are equal: the same validation set
+    (classes and val shards, manifest.val_set_digest) measured with the same protocol. None
+    when either is unknown: such a score is never compared."""
+    if not val_set or not protocol:
+        return None
+    return hashlib.sha256(f"{val_set}|{protocol}".encode()).hexdigest()
+
+
+def not_comparable(new: Scored, champion: Scored) -> str | None:
+    """Why new's score cannot be ranked against the champion's (None when it can)."""
+    key = comparability_key(new.val_set, new.protocol)
+    if key is not None and key == comparability_key(champion.val_set, champion.protocol):
+        return None
+    by_hand = "(move the alias by hand with `pipeline promote` if this model should serve)"
+    if champion.val_set is None or champion.val_set != new.val_set:
+        return (f"evaluated on another validation set or class list than champion version "
+                f"{champion.version}: the scores are not comparable {by_hand}")
+    return (f"measured with another evaluation protocol ({new.protocol or 'not recorded'}) than "
+            f"champion version {champion.version} ({champion.protocol or 'not recorded'}): the "
+            f"scores are not comparable {by_hand}")
 
 
 def gate(num_classes: int | None, min_val_top1: float | None) -> float:
@@ -61,10 +102,9 @@ def decide(new: Scored, champion: Scored | None, min_val_top1: float | None = No
                       f"promotion needs at least {need:.3f}, see --min-val-top1)")
     if champion is None:
         return CHAMPION, "first version to pass the quality gate"
-    if champion.val_set is None or champion.val_set != new.val_set:
-        return NONE, (f"evaluated on another validation set or class list than champion version "
-                      f"{champion.version}: the scores are not comparable (move the alias by hand "
-                      "with `pipeline promote` if this model should serve)")
+    why = not_comparable(new, champion)
+    if why:
+        return NONE, why
     if champion.score is None:
         return CHAMPION, f"champion version {champion.version} has no recorded val top-1"
     if new.score > champion.score:
@@ -81,7 +121,8 @@ def _scored(v) -> Scored:
         except (KeyError, ValueError, TypeError):
             return None
 
-    return Scored(str(v.version), num(SCORE_TAG, float), v.tags.get(VAL_SET_TAG), num(CLASSES_TAG, int))
+    return Scored(str(v.version), num(SCORE_TAG, float), v.tags.get(VAL_SET_TAG), num(CLASSES_TAG, int),
+                  v.tags.get(PROTOCOL_TAG))
 
 
 def _champion(mlflow_client, name: str):
@@ -115,6 +156,22 @@ def rightful_champion(versions: list, start: str, era: str) -> str:
         current = str(best.version)
 
 
+def hold_at_barrier(version: str, timeout: float = 300) -> None:
+    """Fault injection for tests: with PIPELINE_TEST_PROMOTION_BARRIER=DIR, a promotion that has
+    read and compared the champion says so (DIR/read-VERSION) and writes nothing until
+    DIR/go-VERSION exists, so a test makes registrations race on demand and picks the order of
+    their writes."""
+    folder = os.environ.get(BARRIER_ENV)
+    if not folder:
+        return
+    Path(folder, f"read-{version}").touch()
+    deadline = time.monotonic() + timeout
+    while not Path(folder, f"go-{version}").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{BARRIER_ENV}: no go-{version} in {folder} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def promote_if_better(mlflow_client, name: str, version: str,
                       min_val_top1: float | None = None) -> dict:
     """Decide, record the decision on the version, and move the aliases it calls for.
@@ -126,6 +183,7 @@ def promote_if_better(mlflow_client, name: str, version: str,
     era = _era(mlflow_client, name)
     new = _scored(mlflow_client.get_model_version(name, version))
     decision, reason = decide(new, _scored(previous) if previous else None, min_val_top1)
+    hold_at_barrier(version)
     info = {"decision": decision, "reason": reason, "val_top1": new.score,
             "previous_champion_version": previous.version if previous else None,
             "previous_champion_val_top1": _scored(previous).score if previous else None}
@@ -185,9 +243,8 @@ def register(checkpoint_uri: str | None, model_name: str, storage: Storage | Non
              extra_tags: dict | None = None, min_val_top1: float | None = None) -> dict:
     """Log the checkpoint's model to MLflow, register a new version of model_name, promote."""
     import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
+
+    from .packaging import log_model
 
     if not checkpoint_uri:
         raise UserError(f"nothing to register as {model_name}: the run has no checkpoint (it "
@@ -197,11 +254,6 @@ def register(checkpoint_uri: str | None, model_name: str, storage: Storage | Non
     mlflow_client = tracking_client(uri)
     meta, state = checkpoint.load(storage, checkpoint_uri)
     model = build_eval_model(meta, state["model"])
-    res = meta["preprocessing"]["resolution"]
-    # A batch of 2: torch.export then keeps the batch dimension dynamic (a batch of 1 pins it).
-    example = np.random.default_rng(0).standard_normal((2, 3, res, res)).astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     tags = {**lineage_tags(meta.get("data", ""), meta.get("manifest_sha256", ""), meta.get("trial_id")),
             "pipeline.checkpoint": checkpoint_uri, **(extra_tags or {})}
 
@@ -209,27 +261,24 @@ def register(checkpoint_uri: str | None, model_name: str, storage: Storage | Non
     mlflow.set_registry_uri(uri)
     exp_id = experiment_id(mlflow_client, experiment, uri)
     with tempfile.TemporaryDirectory() as tmp:
-        classes, prep = Path(tmp, "classes.json"), Path(tmp, "preprocessing.json")
-        classes.write_text(json.dumps(meta["classes"], indent=1))
-        prep.write_text(json.dumps(meta["preprocessing"], indent=1))
-        arch = Path(tmp, "model.json")   # what predict rebuilds the network from
-        arch.write_text(json.dumps({k: meta[k] for k in ("arch", "num_classes", "blurpool")}))
-        weights = Path(tmp, checkpoint.CHECKPOINT_FILE)
-        torch.save({"model": state["model"]}, weights)
         with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{model_name}", tags=tags):
             mlflow.log_params(safe_params({"arch": meta["arch"], "epoch": meta["epoch"],
                                            "num_classes": meta["num_classes"]}))
             mlflow.log_metrics({k: v for k, v in meta.get("metrics", {}).items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            info = mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=example,
-                extra_files=[str(classes), str(prep), str(arch), str(weights)])
+            info = log_model(meta, state["model"], model, Path(tmp))
     score = meta.get("metrics", {}).get("val_top1")
     version_tags = {**tags, CLASSES_TAG: str(meta["num_classes"])}
     if score is not None:
         version_tags[SCORE_TAG] = str(score)
     if meta.get("val_set"):
         version_tags[VAL_SET_TAG] = meta["val_set"]
+    protocol = eval_protocol(meta)
+    if protocol:
+        version_tags[PROTOCOL_TAG] = protocol
+    key = comparability_key(meta.get("val_set"), protocol)
+    if key:
+        version_tags[COMPARABLE_TAG] = key
     version = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     promotion = promote_if_better(mlflow_client, model_name, str(version.version), min_val_top1)
     alias = promotion["decision"] if promotion["decision"] != NONE else None

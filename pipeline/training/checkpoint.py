@@ -100,11 +100,11 @@ def load(storage: Storage, uri: str) -> tuple[dict, dict]:
 
 def init_weights(storage: Storage, uri: str, tracking_uri: str | None = None) -> dict:
     """Weights to fine-tune from: a checkpoint folder or checkpoint.pt (local or S3), or a
-    registered model (models:/NAME@ALIAS), which carries its checkpoint as an extra file."""
+    registered model (models:/NAME@ALIAS), which carries its weights (tracking.registered_files)."""
     if uri.startswith("models:/"):
-        from ..tracking import download_model
+        from ..tracking import registered_files
 
-        path = download_model(uri, tracking_uri) / "extra_files" / CHECKPOINT_FILE
+        path = registered_files(uri, tracking_uri) / CHECKPOINT_FILE
         if not path.exists():
             raise UserError(f"{uri}: was not registered by `pipeline register` (no weights file)")
         return load_state(path.read_bytes(), uri)["model"]
@@ -119,7 +119,9 @@ def meta(cfg, classes: list[dict], epoch: int, metrics: dict, lineage: dict | No
     r = cfg.recipe
     return {"arch": r.arch, "blurpool": r.blurpool, "num_classes": len(classes),
             "classes": classes, "epoch": epoch, "metrics": metrics,
-            "preprocessing": {"resolution": r.val_res, "crop_ratio": CROP_RATIO,
+            # the evaluation protocol its val top-1 was measured with (predict and serving apply
+            # it; only scores measured alike are compared for @champion)
+            "preprocessing": {"resolution": r.val_res, "crop_ratio": CROP_RATIO, "lr_tta": r.lr_tta,
                               "mean": (IMAGENET_MEAN / 255).tolist(),
                               "std": (IMAGENET_STD / 255).tolist()},
             "data": cfg.data, "config": cfg.model_dump(), **(lineage or {})}

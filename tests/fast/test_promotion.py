@@ -3,32 +3,82 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
+from pipeline.config import TrainConfig
 from pipeline.registry.promote import (CHALLENGER, CHAMPION, CONTENDS_TAG, ERA_TAG, NONE, SCORE_TAG,
-                                       Scored, decide, rightful_champion)
+                                       Scored, comparability_key, decide, eval_protocol,
+                                       rightful_champion)
+from pipeline.training import checkpoint
 
 SET = "s" * 64
+TTA = "val_res=256 crop_ratio=0.875 lr_tta=on"
+PLAIN = "val_res=256 crop_ratio=0.875 lr_tta=off"
+
+
+def scored(version, score, val_set=SET, classes=4, protocol=TTA) -> Scored:
+    return Scored(version, score, val_set, classes, protocol)
 
 
 def test_gate_against_chance():
-    decision, why = decide(Scored("1", 0.10, SET, 10), None)
+    decision, why = decide(scored("1", 0.10, classes=10), None)
     assert decision == NONE and "not clearly better than chance" in why and "0.100 for 10" in why
-    assert decide(Scored("1", 0.21, SET, 10), None)[0] == CHAMPION
-    assert decide(Scored("1", 0.30, SET, 10), None, min_val_top1=0.5)[0] == NONE
+    assert decide(scored("1", 0.21, classes=10), None)[0] == CHAMPION
+    assert decide(scored("1", 0.30, classes=10), None, min_val_top1=0.5)[0] == NONE
 
 
 def test_like_is_compared_with_like():
-    champion = Scored("1", 0.60, SET, 4)
-    assert decide(Scored("2", 1.0, "other" * 10, 2), champion)[0] == NONE
-    assert decide(Scored("2", 1.0, SET, 4), Scored("1", 0.6, None, 4))[0] == NONE
-    assert decide(Scored("2", 0.70, SET, 4), champion)[0] == CHAMPION
-    assert decide(Scored("2", 0.60, SET, 4), champion)[0] == CHALLENGER   # a tie keeps the old
+    champion = scored("1", 0.60)
+    assert decide(scored("2", 1.0, "other" * 10, 2), champion)[0] == NONE
+    assert decide(scored("2", 1.0), scored("1", 0.6, val_set=None))[0] == NONE
+    assert decide(scored("2", 0.70), champion)[0] == CHAMPION
+    assert decide(scored("2", 0.60), champion)[0] == CHALLENGER   # a tie keeps the old
+
+
+@pytest.mark.parametrize("new, champion", [(TTA, PLAIN), (PLAIN, TTA),
+                                           (TTA, "val_res=224 crop_ratio=0.875 lr_tta=on"),
+                                           (TTA, "val_res=256 crop_ratio=1 lr_tta=on"),
+                                           (TTA, None), (None, TTA), (None, None)])
+def test_scores_measured_differently_are_never_ranked(new, champion):
+    """Flip averaging, another val resolution or crop, or a protocol nobody recorded: the new
+    version gets no alias however much higher it scores, and the reason says why."""
+    decision, why = decide(scored("2", 0.99, protocol=new), scored("1", 0.30, protocol=champion))
+    assert decision == NONE
+    assert "another evaluation protocol" in why and "not comparable" in why
+    assert f"({new or 'not recorded'}) than champion version 1 ({champion or 'not recorded'})" in why
+
+
+def test_the_comparability_key_covers_the_val_set_and_the_protocol():
+    key = comparability_key(SET, TTA)
+    assert key == comparability_key(SET, TTA) and len(key) == 64
+    assert len({key, comparability_key("t" * 64, TTA), comparability_key(SET, PLAIN)}) == 3
+    assert comparability_key(None, TTA) is None and comparability_key(SET, None) is None
+    assert comparability_key("", TTA) is None
+
+
+def test_the_protocol_is_read_from_the_checkpoint():
+    cfg = lambda **kw: TrainConfig(arch="resnet18", **kw)   # noqa: E731
+    classes = [{"index": 0, "wnid": "n0", "name": "a"}]
+    meta = checkpoint.meta(cfg(val_res=160, lr_tta=True), classes, 1, {})
+    assert meta["preprocessing"]["lr_tta"] is True
+    assert eval_protocol(meta) == "val_res=160 crop_ratio=0.875 lr_tta=on"
+    assert eval_protocol(checkpoint.meta(cfg(val_res=160, lr_tta=False), classes, 1, {})) == \
+        "val_res=160 crop_ratio=0.875 lr_tta=off"
+    # written before meta.json recorded lr_tta: its config says what its validation ran with
+    older = checkpoint.meta(cfg(lr_tta=False), classes, 1, {})
+    del older["preprocessing"]["lr_tta"]
+    assert eval_protocol(older) == "val_res=256 crop_ratio=0.875 lr_tta=off"
+    # neither: unknown, so never ranked against a champion
+    del older["config"]
+    assert eval_protocol(older) is None
+    assert eval_protocol({}) is None
 
 
 def test_a_champion_scored_zero_is_scored_and_none_scores_do_not_crash():
-    zero = Scored("1", 0.0, SET, 4)
-    assert decide(Scored("2", 0.60, SET, 4), zero)[0] == CHAMPION
-    assert decide(Scored("2", None, SET, 4), zero)[0] == NONE
-    assert decide(Scored("2", 0.6, SET, 4), Scored("1", None, SET, 4))[0] == CHAMPION
+    zero = scored("1", 0.0)
+    assert decide(scored("2", 0.60), zero)[0] == CHAMPION
+    assert decide(scored("2", None), zero)[0] == NONE
+    assert decide(scored("2", 0.6), scored("1", None))[0] == CHAMPION
 
 
 def v(version, score, contends=None, era="0"):
