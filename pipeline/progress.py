@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from . import console
 
 
 class Progress:
-    def __init__(self, label: str, totals: dict[str, int], stream=None, interval: float = 5.0):
+    """Counts towards totals, e.g. {"shards": 20, "files": 20000}. title names what is counted
+    (`[stage] listing: 3/1000 class tars`); detail() adds figures to each line (bytes, rates)."""
+
+    def __init__(self, label: str, totals: dict[str, int], stream=None, interval: float = 5.0,
+                 title: str = "", detail: Callable[[], str] | None = None):
         self.label, self.totals, self.stream = label, totals, stream or console.err()
+        self.title, self.detail = title, detail
         self.done = {k: 0 for k in totals}
         self.start = self.last = time.monotonic()
         self.interval = interval
@@ -16,7 +22,8 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bars = {k: tqdm(total=v, desc=f"{label} {k}", unit=k[:-1] if k.endswith("s") else k,
+            self.bars = {k: tqdm(total=v, desc=f"{label} {title} {k}".replace("  ", " "),
+                                 unit=k[:-1] if k.endswith("s") else k,
                                  position=i, file=self.stream, leave=True)
                          for i, (k, v) in enumerate(totals.items())}
 
@@ -25,6 +32,8 @@ class Progress:
             self.done[k] += n
             if self.bars:
                 self.bars[k].update(n)
+                if self.detail:
+                    self.bars[k].set_postfix_str(self.detail(), refresh=False)
         now = time.monotonic()
         if not self.bars and (now - self.last >= self.interval or self.finished):
             self.last = now
@@ -38,7 +47,9 @@ class Progress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         parts = [f"{self.done[k]}/{self.totals[k]} {k}" for k in self.totals]
-        return f"[{self.label}] " + ", ".join(parts) + f" ({elapsed:.0f} s)"
+        title = f"{self.title}: " if self.title else ""
+        detail = f"; {self.detail()}" if self.detail else ""
+        return f"[{self.label}] {title}" + ", ".join(parts) + f" ({elapsed:.0f} s){detail}"
 
     def close(self) -> None:
         if self.bars:

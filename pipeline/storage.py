@@ -11,12 +11,15 @@ shipped to Ray tasks and pickled by Tune; with no key in them, no key lands in a
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -99,16 +102,51 @@ class S3Settings:
             config=Config(retries={"max_attempts": 3, "mode": "standard"},
                           connect_timeout=5, read_timeout=60, max_pool_connections=32))
 
-    def pyarrow_filesystem(self):
-        """For Ray's storage_filesystem. pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is
-        handed over; keys are not: pyarrow reads them from the environment where it runs."""
+    def pyarrow_filesystem(self, bucket: str | None = None, resolve=None):
+        """For Ray's storage_filesystem, writing into `bucket`. pyarrow ignores AWS_ENDPOINT_URL,
+        so the endpoint is handed over; keys are not: pyarrow reads them from the environment
+        where it runs. The region is the bucket's own (see pyarrow_region)."""
         import pyarrow.fs
 
-        kwargs = {"region": self.region or "us-east-1"}
+        kwargs = {"region": pyarrow_region(self.region, self.endpoint_url, bucket,
+                                           resolve or bucket_region)}
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
         return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def is_aws_endpoint(endpoint_url: str | None) -> bool:
+    """No endpoint (boto3's default), or one of AWS's own (s3.us-west-2.amazonaws.com, ...)."""
+    if not endpoint_url:
+        return True
+    host = urlparse(endpoint_url if "://" in endpoint_url else f"//{endpoint_url}").hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn")) or host == "amazonaws.com"
+
+
+def pyarrow_region(region: str | None, endpoint_url: str | None, bucket: str | None,
+                   resolve) -> str:
+    """The region pyarrow must address `bucket` in. pyarrow does not follow S3's redirects to a
+    bucket's region (boto3 does: its calls work whatever the region), so on AWS, with no region
+    given, it is asked of S3 (resolve(bucket): pyarrow.fs.resolve_s3_region); a region given is
+    used as given. A custom endpoint (SeaweedFS, MinIO) takes the region given, else us-east-1,
+    and is never asked: resolving talks to AWS."""
+    if region or not is_aws_endpoint(endpoint_url) or not bucket:
+        return region or "us-east-1"
+    try:
+        return resolve(bucket)
+    except (OSError, ValueError) as exc:
+        print(f"[s3] warning: the region of bucket {bucket} could not be found ({exc}); using "
+              "us-east-1: set AWS_DEFAULT_REGION (or --s3-region) to the bucket's region",
+              file=sys.stderr, flush=True)
+        return "us-east-1"
+
+
+@lru_cache(maxsize=64)
+def bucket_region(bucket: str) -> str:
+    import pyarrow.fs
+
+    return pyarrow.fs.resolve_s3_region(bucket)
 
 
 TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
@@ -180,16 +218,34 @@ class Storage:
     def __init__(self, s3: S3Settings | None = None):
         self.s3 = s3 or S3Settings.from_env()
         self._client = None
+        self.bytes_read = 0   # every byte this object read (what a stage reports per source)
+        self._count_lock = threading.Lock()
 
     def __getstate__(self):
         # Shipped to Ray tasks: the settings travel (without keys), the client is rebuilt there.
-        return {"s3": self.s3, "_client": None}
+        return {"s3": self.s3, "_client": None, "bytes_read": 0}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._count_lock = threading.Lock()
 
     @property
     def client(self):
         if self._client is None:
             self._client = self.s3.client()
         return self._client
+
+    def tally(self) -> "Storage":
+        """The same storage (settings, and the client once there is one), counting its own
+        reads in bytes_read from 0: e.g. what one task read from the source."""
+        other = copy.copy(self)   # pickles' state: a count of 0, no client (a subclass stays one)
+        other._client = self._client
+        return other
+
+    def _count(self, data: bytes) -> bytes:
+        with self._count_lock:
+            self.bytes_read += len(data)
+        return data
 
     def _s3_call(self, uri, fn, *args, outage: float | None = None, **kwargs):
         """fn(*args), riding out an outage of the endpoint (for `outage` seconds, default the
@@ -203,13 +259,21 @@ class Storage:
             if not warned:
                 warned.append(exc)
                 print(f"[s3] warning: {self.s3.endpoint_url or 'S3'} is not answering "
-                      f"({type(exc).__name__}); retrying for up to {self.s3.outage_seconds:g} s",
+                      f"({type(exc).__name__}); retrying for up to {wait:g} s",
                       file=sys.stderr, flush=True)
 
         wait = self.s3.outage_seconds if outage is None else outage
+        call = lambda: fn(*args, **kwargs)   # noqa: E731
         try:
-            return retry(lambda: fn(*args, **kwargs), timeout=wait, transient=is_transient,
-                         on_retry=say_once)
+            try:
+                return call()
+            except Exception as exc:   # noqa: BLE001 - judged just below
+                if not is_transient(exc) or wait <= 0:
+                    raise
+                say_once(exc, 0)
+            # The outage is timed from when this call met it, not from when the call began: an
+            # upload that was under way for a minute still rides out the whole outage.
+            return retry(call, timeout=wait, transient=is_transient, on_retry=say_once)
         except (ClientError, BotoCoreError, Boto3Error) as exc:
             raise UserError(describe_s3_error(exc, uri, self.s3, wait)) from exc
 
@@ -254,14 +318,14 @@ class Storage:
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 f.seek(offset)
-                return f.read() if length is None else f.read(length)
+                return self._count(f.read() if length is None else f.read(length))
         bucket, key = split_s3(uri)
         kwargs = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             kwargs["Range"] = f"bytes={offset}-{end}"
-        return self._s3_call(uri, lambda: self.client.get_object(
-            Bucket=bucket, Key=key, **kwargs)["Body"].read())
+        return self._count(self._s3_call(uri, lambda: self.client.get_object(
+            Bucket=bucket, Key=key, **kwargs)["Body"].read()))
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
@@ -271,11 +335,12 @@ class Storage:
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 while block := f.read(chunk):
-                    yield block
+                    yield self._count(block)
             return
         bucket, key = split_s3(uri)
         body = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
-        yield from body.iter_chunks(chunk)
+        for block in body.iter_chunks(chunk):
+            yield self._count(block)
 
     def sha256(self, uri: str) -> str:
         if not is_s3(uri):
@@ -317,6 +382,7 @@ class Storage:
             token = page["NextContinuationToken"]
 
     def open_range(self, uri: str, start: int = 0, size: int | None = None) -> "RangeReader":
+        """Bytes [start, start + size) of uri as a read-only file; size None: to the end."""
         return RangeReader(self, uri, start, size)
 
     def download_file(self, uri: str, local_path: str | Path) -> None:
@@ -332,6 +398,8 @@ class Storage:
                               Config=self._transfer_config())
             else:
                 shutil.copyfile(uri, tmp)
+            with self._count_lock:
+                self.bytes_read += os.path.getsize(tmp)
             os.replace(tmp, local_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -440,29 +508,27 @@ class Storage:
         if not is_s3(uri):
             return absolute(uri), None
         bucket, prefix = split_s3(uri)
-        return f"{bucket}/{prefix}".rstrip("/"), self.s3.pyarrow_filesystem()
+        return f"{bucket}/{prefix}".rstrip("/"), self.s3.pyarrow_filesystem(bucket)
 
 
 class RangeReader:
-    """A read-only, seekable file over bytes [start, start+size) of a local file or S3 object,
-    fetching S3 in blocks.
+    """A read-only, seekable file over bytes [start, start+size) of a local file or S3 object.
 
-    This is what lets `tarfile` walk ILSVRC2012_img_train.tar on S3 without downloading it (and
-    each per-class tar inside it, as a range of the outer one): the headers are read through
-    block-sized range requests and the member data is skipped.
+    Each read is one ranged read of exactly the bytes asked for, no more: this is what lets
+    data/archives.py walk the headers of ILSVRC2012_img_train.tar on S3 (and of each per-class
+    tar inside it, as a range of the outer one) reading 512 bytes per member, so that the
+    archive is read about once in all when staging then reads each image.
     """
-
-    BLOCK = 1024 * 1024
 
     def __init__(self, storage: Storage, uri: str, start: int = 0, size: int | None = None):
         self.storage, self.uri, self.start = storage, uri, start
-        total = storage.size(uri)
-        if total is None:
-            raise UserError(f"{uri}: not found")
-        self.length = total - start if size is None else min(size, total - start)
+        if size is None:   # a size given is trusted: no request to learn it
+            total = storage.size(uri)
+            if total is None:
+                raise UserError(f"{uri}: not found")
+            size = total - start
+        self.length = size
         self.pos = 0
-        self._block_start, self._block = -1, b""
-        self._local = None if is_s3(uri) else open(uri, "rb")
 
     def seekable(self):
         return True
@@ -481,26 +547,7 @@ class RangeReader:
         if n is None or n < 0:
             n = self.length - self.pos
         n = max(0, min(n, self.length - self.pos))
-        where = self.start + self.pos
-        if self._local is not None:
-            self._local.seek(where)
-            data = self._local.read(n)
-        elif n > self.BLOCK:
-            data = self.storage.read_bytes(self.uri, where, n)
-        else:
-            out = bytearray()
-            end = self.start + self.length
-            while len(out) < n:
-                if not (self._block_start <= where < self._block_start + len(self._block)):
-                    self._block_start = where - where % self.BLOCK
-                    self._block = self.storage.read_bytes(
-                        self.uri, self._block_start, min(self.BLOCK, end - self._block_start))
-                chunk = self._block[where - self._block_start:where - self._block_start + n - len(out)]
-                if not chunk:
-                    break
-                out += chunk
-                where += len(chunk)
-            data = bytes(out)
+        data = self.storage.read_bytes(self.uri, self.start + self.pos, n)
         self.pos += len(data)
         return data
 
@@ -510,8 +557,7 @@ class RangeReader:
         return len(data)
 
     def close(self):
-        if self._local is not None:
-            self._local.close()
+        pass
 
     def __enter__(self):
         return self

@@ -37,9 +37,11 @@ def pick_classes(n: int) -> list[str]:
     return [wnids[(i * len(wnids)) // n] for i in range(n)]
 
 
-def class_image(rng: np.random.Generator, index: int, n_classes: int) -> np.ndarray:
-    """An RGB uint8 image whose colour and stripe angle say its class."""
-    h, w = (int(x) for x in rng.integers(160, 501, size=2))
+def class_image(rng: np.random.Generator, index: int, n_classes: int,
+                max_side: int = 500) -> np.ndarray:
+    """An RGB uint8 image whose colour and stripe angle say its class; sides from 160 px (or
+    max_side / 3 when smaller) to max_side."""
+    h, w = (int(x) for x in rng.integers(min(160, max(1, max_side // 3)), max_side + 1, size=2))
     r, g, b = colorsys.hsv_to_rgb(index / n_classes, 0.85, 0.95)
     base = np.array([r, g, b], dtype=np.float32) * 255
     angle = np.pi * ((index * 7) % n_classes) / n_classes
@@ -104,8 +106,10 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def generate(out: str, layout: str = "folders", classes: int = 10, train_per_class: int = 20,
              val_per_class: int = 5, seed: int = 0, bad_files: bool = False,
-             storage: Storage | None = None) -> dict:
-    """Write the sample set to OUT (a folder, or s3://bucket/prefix via a temporary folder)."""
+             storage: Storage | None = None, max_side: int = 500) -> dict:
+    """Write the sample set to OUT (a folder, or s3://bucket/prefix via a temporary folder).
+    A small max_side makes small images: e.g. 1,000 classes shaped like ImageNet's archives
+    (1,000 class tars) at a fraction of their bytes."""
     if layout not in LAYOUTS:
         raise UserError(f"--layout: unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
     if train_per_class < 1 or val_per_class < 0:
@@ -114,7 +118,8 @@ def generate(out: str, layout: str = "folders", classes: int = 10, train_per_cla
         storage = storage or Storage()
         storage.check_bucket(out)
         with tempfile.TemporaryDirectory() as tmp:
-            summary = generate(tmp, layout, classes, train_per_class, val_per_class, seed, bad_files)
+            summary = generate(tmp, layout, classes, train_per_class, val_per_class, seed, bad_files,
+                               max_side=max_side)
             for rel, _ in Storage().list(tmp):
                 storage.upload_file(os.path.join(tmp, rel), join(out, rel))
         return {**summary, "out": out}
@@ -131,20 +136,21 @@ def generate(out: str, layout: str = "folders", classes: int = 10, train_per_cla
     for c, wnid in enumerate(wnids):
         numbers = sorted(rng.choice(np.arange(1, 20000), size=train_per_class, replace=False))
         for n in numbers:
-            train[wnid].append((f"{wnid}_{n}.JPEG", jpeg_bytes(class_image(rng, c, classes))))
+            image = class_image(rng, c, classes, max_side)
+            train[wnid].append((f"{wnid}_{n}.JPEG", jpeg_bytes(image)))
     if bad_files:
         for i, kind in enumerate(BAD_FILES):
             c = i % classes
             wnid = wnids[c]
             train[wnid].append((f"{wnid}_9{i:04d}{kind}.JPEG",
-                                bad_file_bytes(kind, class_image(rng, c, classes))))
+                                bad_file_bytes(kind, class_image(rng, c, classes, max_side))))
 
     val = [(wnid, c) for c, wnid in enumerate(wnids) for _ in range(val_per_class)]
     order = rng.permutation(len(val))
     val_files = []  # (number, wnid, bytes): numbered like the real flat val set
     for number, k in enumerate(order, start=1):
         wnid, c = val[k]
-        val_files.append((number, wnid, jpeg_bytes(class_image(rng, c, classes))))
+        val_files.append((number, wnid, jpeg_bytes(class_image(rng, c, classes, max_side))))
     val_name = "ILSVRC2012_val_{:08d}.JPEG".format
 
     def write(rel: str, data: bytes):

@@ -20,12 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from ..config import WriterSettings
+from ..errors import UserError
 from ..storage import Storage, join, sha256_file
 from .images import BadImage, decode_rgb, max_bytes
 from .source import Source, SourceImage
 
 PARTS = ".parts"
 FETCH_THREADS = 8
+# Measured on a staging worker: ~410 MB private after importing Ray, FFCV and torch, and up to
+# 11 bytes per pixel while PIL decodes a PNG or a 16-bit image into RGB (a JPEG is decoded at a
+# reduced scale and needs far less).
+TASK_BASE_BYTES = 512 * 1024 * 1024
+DECODE_BYTES_PER_PIXEL = 12
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,27 @@ def plan_digest(plans: list[ShardPlan], classes: list[str]) -> str:
     for p in plans:
         h.update(p.fingerprint.encode())
     return h.hexdigest()
+
+
+def shard_task_memory(plan: ShardPlan, writer: WriterSettings) -> int:
+    """Bytes a shard task holds at its peak, what it asks Ray for: the worker itself, every
+    image of the shard decoded (at most max_resolution on the long side, 3 bytes a pixel) until
+    the shard is written, every fetched file (fetching may run ahead of decoding), and the one
+    image being decoded (bounded by max_image_pixels)."""
+    limit = max_bytes(writer.max_image_pixels)
+    decoded = len(plan.images) * writer.max_resolution ** 2 * 3
+    fetched = sum(im.size for im in plan.images if im.size <= limit)   # larger: never fetched
+    return TASK_BASE_BYTES + decoded + fetched + DECODE_BYTES_PER_PIXEL * writer.max_image_pixels
+
+
+def check_memory_fits(needed: int, node_memory: list[float], shard_size: int) -> None:
+    """Refuse, in words, a shard task no node has the memory for (Ray would wait forever)."""
+    largest = max(node_memory, default=0)
+    if needed > largest:
+        raise UserError(f"a shard task needs about {needed / 2**30:.1f} GiB of memory (a shard of "
+                        f"{shard_size} images decoded at --max-resolution, plus one image at "
+                        f"--max-image-pixels), but the largest node offers Ray "
+                        f"{largest / 2**30:.1f} GiB: lower --shard-size or --max-resolution")
 
 
 def write_beton(path: str | Path, images: list[np.ndarray], labels: list[int],
@@ -139,11 +166,12 @@ def stage_shard(plan: ShardPlan, source_uri: str, dest: str, writer: WriterSetti
         return {"record": record, "written": False}
 
     limit = max_bytes(writer.max_image_pixels)
+    source = storage.tally()   # counts what this shard reads from the source
 
     def fetch(im: SourceImage) -> bytes | None:
         if im.size > limit:   # never hold a file that could not be decoded within the bound
             return None
-        return storage.read_bytes(join(source_uri, im.blob), im.offset, im.size)
+        return source.read_bytes(join(source_uri, im.blob), im.offset, im.size)
 
     images, labels, skipped = [], [], []
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
@@ -157,7 +185,8 @@ def stage_shard(plan: ShardPlan, source_uri: str, dest: str, writer: WriterSetti
             except BadImage as exc:
                 skipped.append({"path": im.path, "reason": str(exc)})
     record = {"path": plan.path, "samples": len(images), "bytes": 0, "sha256": "",
-              "fingerprint": plan.fingerprint, "skipped": skipped}
+              "fingerprint": plan.fingerprint, "skipped": skipped,
+              "source_bytes": source.bytes_read}
     if images:
         with tempfile.TemporaryDirectory(prefix="pipeline-shard-") as tmp:
             local = os.path.join(tmp, "shard.beton")

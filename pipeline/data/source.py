@@ -5,7 +5,8 @@ Layouts (see ../shared/DESIGN.md):
   kaggle   ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/*.JPEG} + LOC_val_solution.csv, LOC_synset_mapping.txt
   devkit   train/<wnid>/, flat val/*.JPEG + ILSVRC2012_devkit_t12/data/{..._ground_truth.txt, meta.mat}
   tars     ILSVRC2012_img_train.tar (a tar of per-class tars), ILSVRC2012_img_val.tar,
-           ILSVRC2012_devkit_t12.tar.gz; read in place through byte ranges, never extracted.
+           ILSVRC2012_devkit_t12.tar.gz; read in place through byte ranges, never extracted:
+           listing reads their headers only (archives.py), staging each image's bytes once.
 
 Everything works the same on a local folder and on s3://bucket/prefix: the listing decides.
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import csv
 import io
-import posixpath
 import re
 import tarfile
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Callable, Iterable
 
+from .. import console
 from ..config import LAYOUTS, SPLITS
 from ..errors import UserError
 from ..storage import Storage, join
@@ -56,6 +58,9 @@ class Source:
     splits: dict[str, list[SourceImage]]
     skipped: list[dict] = field(default_factory=list)
     listing: str = ""      # fingerprint of the source's files: names, sizes, ETags or mtimes
+    bytes: int = 0         # the source's files, all together
+    bytes_read: int = 0    # read from the source to find the images and labels
+    listing_seconds: float = 0.0
 
 
 def listing_digest(entries) -> str:
@@ -106,10 +111,14 @@ def detect_layout(files: Iterable[str]) -> str | None:
 
 
 def discover(storage: Storage, uri: str, layout: str | None = None,
-             splits: Iterable[str] = SPLITS, parallel_map: Callable = map) -> Source:
+             splits: Iterable[str] = SPLITS, run_parallel: Callable | None = None,
+             progress: bool = False) -> Source:
     """List SRC, recognise its layout and return every image with its label.
 
-    parallel_map(fn, items) lets the caller list many per-class tars at once (Ray tasks)."""
+    run_parallel(fn, items) yields fn(item) for each item, in any order: the caller's way of
+    listing many per-class tars at once (Ray tasks); by default they are listed here. progress:
+    say how listing the archives goes (class tars listed, bytes read, rate)."""
+    started = time.monotonic()
     splits = list(splits)
     for s in splits:
         if s not in SPLITS:
@@ -134,18 +143,26 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
     if layout not in LAYOUTS:
         raise UserError(f"--layout: unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
 
-    listing = listing_digest(entries)
+    tally = storage.tally()   # what is read from the source, counted where it is read
     if layout == "tars":
-        source = _discover_tars(storage, uri, files, splits, parallel_map)
-        source.listing = listing
-        return source
+        source = _discover_tars(tally, uri, files, splits, run_parallel, progress)
+    else:
+        source = _discover_files(tally, uri, files, splits, layout)
+    source.listing = listing_digest(entries)
+    source.bytes = sum(files.values())
+    source.bytes_read += tally.bytes_read
+    source.listing_seconds = time.monotonic() - started
+    return source
+
+
+def _discover_files(storage, uri, files, splits, layout) -> Source:
     root = KAGGLE_ROOT + "/" if layout == "kaggle" else ""
     train = _class_folders(files, root + "train/")
     if not train:
         raise UserError(f"source {uri}: no {root}train/<wnid>/ folders found for layout '{layout}'")
     classes = sorted({img.wnid for img in train})
     names = _names(storage, uri, files)
-    source = Source(uri, layout, classes, names, {}, listing=listing)
+    source = Source(uri, layout, classes, names, {})
     if "train" in splits:
         source.splits["train"] = train
     if "val" in splits:
@@ -251,94 +268,82 @@ def _devkit_from_tar(data: bytes, uri: str) -> tuple[dict[int, str], dict[str, s
                         "download it again") from exc
 
 
-BLOCK = 512
+def _has_val_labels(files) -> bool:
+    return KAGGLE_VAL_CSV in files or DEVKIT_TAR in files or \
+        f"{DEVKIT}/{GROUND_TRUTH}" in files
 
 
-def tar_members(f, where: str, start: int = 0) -> tuple[list[tuple[str, int, int]], list[dict]]:
-    """((name, data offset, size) of every regular file, [skipped members]) of a tar, reading
-    headers only; offsets are shifted by `start` (where the tar begins, for a tar in a tar).
+def _discover_tars(storage, uri, files, splits, run_parallel, progress) -> Source:
+    from ..progress import Progress
+    from .archives import list_tar, list_tars
 
-    An archive from elsewhere is not trusted: a member named outside the archive (`../x`,
-    `/abs/x`) or a link is skipped and recorded; a cut-short archive, or one whose members'
-    declared sizes do not match where the next header is, is refused in one line naming the
-    member, instead of silently losing (or shifting) what follows it."""
-    members, skipped = [], []
-    total = f.seek(0, 2)
-    f.seek(0)
-    last = None
-    try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            for m in tar:   # tarfile finds each header from the declared size of the one before
-                last = m
-                name = posixpath.normpath(m.name)
-                if m.issym() or m.islnk():
-                    skipped.append({"path": f"{where}/{m.name}", "reason": "link member "
-                                    f"(to {m.linkname}), not an image: skipped"})
-                elif m.isfile() and (name.startswith("/") or name == ".." or name.startswith("../")):
-                    skipped.append({"path": f"{where}/{m.name}", "reason": "member path leads "
-                                    "outside the archive: skipped"})
-                elif m.isfile():
-                    members.append((name, start + m.offset_data, m.size))
-    except (tarfile.ReadError, tarfile.HeaderError, EOFError) as exc:
-        raise UserError(f"{where}: not a readable tar archive past byte {f.tell()} of {total} "
-                        f"({exc}); is it cut short? Download it again") from exc
-    if last is not None:
-        end = last.offset_data + -(-last.size // BLOCK) * BLOCK
-        if end > total:
-            raise UserError(f"{where}: the archive ends at byte {total}, inside member {last.name}, "
-                            f"which declares {last.size} bytes: it is cut short; download it again")
-        f.seek(end)
-        rest = f.read(2 * BLOCK)
-        # tarfile stops quietly at a header it cannot parse: had a declared size been wrong, what
-        # follows the last member it read would not be the end-of-archive zeros
-        if rest.strip(b"\0"):
-            raise UserError(f"{where}: member {last.name} declares {last.size} bytes, but a header "
-                            "or data follows before that: the archive is inconsistent: refused")
-    return members, skipped
-
-
-def list_class_tar(storage: Storage, uri: str, outer: str, inner: str, start: int, size: int):
-    """Members of one per-class tar inside ILSVRC2012_img_train.tar (runs as a Ray task)."""
-    where = f"{outer}/{inner}"
-    with storage.open_range(join(uri, outer), start, size) as f:
-        members, skipped = tar_members(f, where, start)
-    return [(f"{where}/{name}", off, n) for name, off, n in members], skipped
-
-
-def list_class_tar_job(args: tuple):
-    return list_class_tar(*args)
-
-
-def _discover_tars(storage, uri, files, splits, parallel_map) -> Source:
     if TRAIN_TAR not in files:
         raise UserError(f"source {uri}: {TRAIN_TAR} is missing (the class list comes from it)")
-    with storage.open_range(join(uri, TRAIN_TAR)) as f:
-        outer, skipped = tar_members(f, TRAIN_TAR)
-    class_tars = [(name, off, n) for name, off, n in outer if name.endswith(".tar")]
+    if "val" in splits and VAL_TAR not in files:
+        raise UserError(f"source {uri}: {VAL_TAR} is missing (or stage with --splits train)")
+    started = time.monotonic()
+    if progress:
+        console.say(f"[stage] listing {uri}: the headers of {TRAIN_TAR} "
+                    f"({_size(files[TRAIN_TAR])}), then of its class tars")
+    outer = list_tar(storage, uri, TRAIN_TAR, TRAIN_TAR, 0, files[TRAIN_TAR])
+    class_tars = [(name, off, n) for name, off, n in outer.members if name.endswith(".tar")]
     if not class_tars:
         raise UserError(f"source {uri}: {TRAIN_TAR} holds no per-class .tar files")
     classes = sorted(name[:-4].rsplit("/", 1)[-1] for name, _, _ in class_tars)
-    source = Source(uri, "tars", classes, _names(storage, uri, files), {}, skipped)
+    source = Source(uri, "tars", classes, _names(storage, uri, files), {}, list(outer.skipped),
+                    bytes_read=outer.bytes_read)
+
+    tars = []
     if "train" in splits:
-        jobs = [(storage, uri, TRAIN_TAR, name, off, n) for name, off, n in class_tars]
-        train = []
-        for (class_tar, _, _), (members, inner_skipped) in zip(class_tars, parallel_map(list_class_tar_job, jobs)):
-            wnid = class_tar[:-len(".tar")].rsplit("/", 1)[-1]
-            source.skipped.extend(inner_skipped)
-            for path, off, n in members:
-                if _is_image_name(path):
-                    train.append(SourceImage(path, wnid, TRAIN_TAR, off, n))
-        source.splits["train"] = sorted(train, key=lambda i: i.path)
+        tars += [(TRAIN_TAR, f"{TRAIN_TAR}/{name}", off, n) for name, off, n in class_tars]
     if "val" in splits:
-        if VAL_TAR not in files:
-            raise UserError(f"source {uri}: {VAL_TAR} is missing (or stage with --splits train)")
+        tars.append((VAL_TAR, VAL_TAR, 0, files[VAL_TAR]))
+    totals = {"class tars": len(class_tars) if "train" in splits else 0,
+              "val tar": 1 if "val" in splits else 0}
+    bar = Progress("stage", {k: v for k, v in totals.items() if v}, title="listing",
+                   detail=lambda: _rate(source.bytes_read, time.monotonic() - started,
+                                        bar.done.get("class tars", 0))) if progress else None
+
+    def listed(where, n):
+        source.bytes_read += n
+        if bar:
+            bar.update(**{"val tar" if where == VAL_TAR else "class tars": 1})
+
+    listings = {}
+    try:
+        for got in list_tars(storage, uri, tars, run_parallel, listed, hint=_swallow_hint):
+            listings[got.where] = got
+    finally:
+        if bar:
+            bar.close()
+
+    train = []
+    for name, _, _ in class_tars if "train" in splits else ():
+        got = listings[f"{TRAIN_TAR}/{name}"]
+        wnid = name[:-len(".tar")].rsplit("/", 1)[-1]
+        source.skipped.extend(got.skipped)
+        train += [SourceImage(f"{got.where}/{member}", wnid, TRAIN_TAR, off, n)
+                  for member, off, n in got.members if _is_image_name(member)]
+    if "train" in splits:
+        source.splits["train"] = sorted(train, key=lambda i: i.path)
+
+    labels = None
+    if "val" in splits or _has_val_labels(files):
         labels, names = _val_labels(storage, uri, files)
         source.names.update(names)
-        with storage.open_range(join(uri, VAL_TAR)) as f:
-            members, val_skipped = tar_members(f, VAL_TAR)
-        source.skipped.extend(val_skipped)
+        # every class the devkit or the val labels know must be in the train archive: one
+        # missing is a damaged download (or a class tar swallowed by the one before it)
+        missing = sorted((set(labels.values()) | set(names)) - set(classes))
+        if missing:
+            shown = ", ".join(f"{w}.tar" for w in missing[:5]) + (", ..." * (len(missing) > 5))
+            raise UserError(f"source {uri}: {TRAIN_TAR} lacks {len(missing)} class tar(s) that "
+                            f"the devkit and val labels know ({shown}): the archive is incomplete "
+                            "or damaged; download it again")
+    if "val" in splits:
+        got = listings[VAL_TAR]
+        source.skipped.extend(got.skipped)
         val = []
-        for name, off, n in sorted(members):
+        for name, off, n in sorted(got.members):
             path = f"{VAL_TAR}/{name}"
             m = VAL_NAME.search(name)
             wnid = labels.get(int(m.group(1))) if m else None
@@ -348,3 +353,23 @@ def _discover_tars(storage, uri, files, splits, parallel_map) -> Source:
                 val.append(SourceImage(path, wnid, VAL_TAR, off, n))
         source.splits["val"] = _known_classes(val, classes, source)
     return source
+
+
+def _swallow_hint(where: str) -> str:
+    if where.startswith(TRAIN_TAR + "/"):
+        return (f"; {TRAIN_TAR} declares it larger than the tar it holds: does it swallow the "
+                "class tar after it?")
+    return ""
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _rate(bytes_read: int, seconds: float, class_tars: int) -> str:
+    seconds = max(seconds, 1e-6)
+    return (f"{_size(bytes_read)} read, {_size(bytes_read / seconds)}/s, "
+            f"{class_tars / seconds:.1f} class tars/s")

@@ -12,7 +12,8 @@ from ..ray_connect import connect
 from ..storage import Storage, absolute, join
 from .lease import Lease
 from .manifest import MANIFEST, ClassInfo, ShardInfo, ShardManifest, SplitInfo, read_manifest
-from .shards import PARTS, plan_digest, plan_shards, stage_shard
+from .shards import (PARTS, check_memory_fits, plan_digest, plan_shards, shard_task_memory,
+                     stage_shard)
 from .source import discover
 
 
@@ -24,6 +25,9 @@ class StageResult:
     images: int = 0        # images written into shards this run (skipped files not counted)
     seconds: float = 0.0
     nodes: set = field(default_factory=set)
+    source_bytes: int = 0        # the source's files, all together
+    source_bytes_read: int = 0   # read from the source by this run: listing + images
+    listing_seconds: float = 0.0
 
     def summary(self) -> dict:
         return {"shards_written": self.shards_written, "shards_reused": self.shards_reused,
@@ -31,16 +35,27 @@ class StageResult:
                 "images_per_s": round(self.images / self.seconds, 1) if self.seconds else None,
                 "nodes": len(self.nodes),
                 "skipped": len(self.manifest.skipped),
-                "splits": {k: v.samples for k, v in self.manifest.splits.items()}}
+                "splits": {k: v.samples for k, v in self.manifest.splits.items()},
+                "listing_seconds": round(self.listing_seconds, 2),
+                "source_bytes": self.source_bytes, "source_bytes_read": self.source_bytes_read,
+                "source_read_ratio": round(self.source_bytes_read / self.source_bytes, 4)
+                if self.source_bytes else None}
 
 
-def _ray_map(fn, items, ray_address=None):
-    """discover()'s parallel map: e.g. one Ray task per per-class tar to list."""
+def _ray_imap(fn, items, ray_address=None):
+    """discover()'s run_parallel: fn(item) as Ray tasks (a few in flight per CPU: listing
+    waits on reads), each result as soon as it is in."""
     import ray
 
     connect(ray_address)
     task = ray.remote(num_cpus=1)(fn)
-    return ray.get([task.remote(item) for item in items])
+    todo, pending = list(items), []
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    while todo or pending:
+        while todo and len(pending) < in_flight:
+            pending.append(task.remote(todo.pop(0)))
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
 
 def _stage_shard_task(*args):
@@ -77,7 +92,8 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
     layout = None if cfg.layout == "auto" else cfg.layout
     writer = cfg.writer
     source = discover(storage, source_uri, layout, cfg.splits,
-                      parallel_map=functools.partial(_ray_map, ray_address=ray_address))
+                      run_parallel=functools.partial(_ray_imap, ray_address=ray_address),
+                      progress=progress)
     plans = plan_shards(source, writer, cfg.shard_size)
     digest = plan_digest(plans, source.classes)
     manifest_uri = join(dest_uri, MANIFEST)
@@ -101,17 +117,23 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
     connect(ray_address)
     task = ray.remote(num_cpus=1, max_retries=3)(_stage_shard_task)
     in_flight_max = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    memory = {p.path: shard_task_memory(p, writer) for p in plans}
+    if plans:
+        check_memory_fits(max(memory.values()), _node_memory(), cfg.shard_size)
     todo = list(plans)
     pending: dict = {}
     results: dict[str, dict] = {}
-    result = StageResult(manifest=None)  # type: ignore[arg-type]
+    result = StageResult(manifest=None, source_bytes=source.bytes,  # type: ignore[arg-type]
+                         source_bytes_read=source.bytes_read,
+                         listing_seconds=source.listing_seconds)
     bar = Progress("stage", {"shards": len(plans),
                              "files": sum(len(p.images) for p in plans)}) if progress else None
     try:
         while todo or pending:
             while todo and len(pending) < in_flight_max:
                 p = todo.pop(0)
-                ref = task.options(scheduling_strategy="SPREAD").remote(
+                # the memory it holds at its peak: Ray runs on each node as many as it holds
+                ref = task.options(scheduling_strategy="SPREAD", memory=memory[p.path]).remote(
                     p, source_uri, dest_uri, writer, storage)
                 pending[ref] = p
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -123,6 +145,7 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
                 if out["written"]:
                     result.shards_written += 1
                     result.images += out["record"]["samples"]
+                    result.source_bytes_read += out["record"]["source_bytes"]
                 else:
                     result.shards_reused += 1
                 if bar:
@@ -164,6 +187,22 @@ def _remove_leftovers(storage: Storage, dest_uri: str, keep: set[str]) -> None:
             storage.delete(join(dest_uri, rel))
 
 
+def _bytes_read(source, plans, records) -> dict:
+    """What staging this dataset reads from its source: listing it, and each shard's images once
+    (as each shard's record counted them when it was written). The same for every run over the
+    same source, however many runs it took; a run's own figure is in its summary."""
+    per_shard = [records[p.path].get("source_bytes") for p in plans]
+    if None in per_shard:   # a shard written before records counted it
+        return {"bytes": source.bytes}
+    return {"bytes": source.bytes, "bytes_read": source.bytes_read + sum(per_shard)}
+
+
+def _node_memory() -> list[float]:
+    import ray
+
+    return [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+
+
 def build_manifest(source, plans, records, writer, digest, shard_size) -> ShardManifest:
     splits: dict[str, SplitInfo] = {}
     skipped = list(source.skipped)
@@ -180,5 +219,5 @@ def build_manifest(source, plans, records, writer, digest, shard_size) -> ShardM
                  for i, w in enumerate(source.classes)],
         splits=splits, writer=writer,
         source={"uri": source.uri, "layout": source.layout, "listing_sha256": source.listing,
-                "shard_size": shard_size},
+                "shard_size": shard_size, **_bytes_read(source, plans, records)},
         skipped=sorted(skipped, key=lambda s: s["path"]), plan=digest)
