@@ -34,11 +34,24 @@ PROJECT = Path(__file__).resolve().parents[2]
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def job_env() -> tuple[dict[str, str], list[str]]:
-    """(what the job is given, credentials seen here and held back)."""
-    env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
+ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+REGIONS = ("AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def job_env(environ=None) -> tuple[dict[str, str], list[str]]:
+    """(what the job is given, credentials seen here and held back).
+
+    A region travels only with the endpoint it belongs to. On AWS (no endpoint) the region in
+    this shell is where its user's default is, often not where the bucket is, and pyarrow (Ray's
+    checkpoints) would then address the bucket in the wrong region: the job finds each bucket's
+    own region instead (storage.pyarrow_region)."""
+    environ = os.environ if environ is None else environ
+    env = {k: environ[k] for k in PASS_THROUGH if environ.get(k)}
+    if not any(k in env for k in ENDPOINTS):
+        for k in REGIONS:
+            env.pop(k, None)
     uri = env.get("MLFLOW_TRACKING_URI", "")
-    held = [k for k in CREDENTIALS if os.environ.get(k)]
+    held = [k for k in CREDENTIALS if environ.get(k)]
     if "@" in uri.partition("://")[2].split("/", 1)[0]:   # user:password@host
         del env["MLFLOW_TRACKING_URI"]
         held.append("MLFLOW_TRACKING_URI (it carries a password)")
