@@ -125,3 +125,51 @@ def grey16_png(value: int = 32896, size=(40, 60)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full(size, value, np.uint16)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class Running:
+    """A `pipeline` command running in the background, its output lines collected as they come
+    (stdout and stderr together), so a test can wait for a line before it changes the cluster."""
+
+    def __init__(self, *args, env: dict | None = None):
+        import threading
+
+        self.proc = subprocess.Popen([PIPELINE, *map(str, args)], env=dict(os.environ, **(env or {})),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True, stdin=subprocess.DEVNULL)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
+                                       daemon=True)
+        self.reader.start()
+
+    def wait_for_line(self, text: str, timeout: float = 300) -> str:
+        return wait_for(lambda: next((x for x in self.lines if text in x), None),
+                        f"a line with {text!r}", timeout, self.proc)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.reader.join(timeout=10)
+        return code, "".join(self.lines)
+
+
+def expected_epoch_samples(data: str, epochs: int, seed: int, layouts) -> list[dict]:
+    """epoch_samples (count and digest per epoch) of an undisturbed run whose train split is read
+    under `layouts[epoch]` (placement.Layout), computed from the order alone: what a run on fresh
+    caches reads."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.placement import SampleIds, digest_hex, epoch_reads
+
+    manifest = read_manifest(Storage(), data)
+    ids = SampleIds(manifest.splits["train"].shards)
+    out = []
+    for epoch in range(epochs):
+        layout = layouts[epoch]
+        world = sum(len(g.ranks) for g in layout.groups)
+        read = np.concatenate([epoch_reads(ids, layout, r, seed, epoch).gids for r in range(world)])
+        out.append({"epoch": epoch + 1, "samples": len(read), "digest": digest_hex(ids.digest(read))})
+    return out

@@ -16,7 +16,7 @@ def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
     from pipeline.config import TrainConfig
     from pipeline.config import WriterSettings
     from pipeline.data.shards import write_beton
-    from pipeline.training.worker import ImageNetTrainer
+    from pipeline.training.trainer import ImageNetTrainer
 
     rng = np.random.default_rng(0)
     n = 512

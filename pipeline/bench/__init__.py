@@ -2,7 +2,8 @@
 
 stage (staging throughput), loader (our loader vs bare FFCV vs ImageFolder), train (Ray Train vs
 torchrun), data (what each node downloads and holds), gpu (one GPU with the recipe: img/s, every
-precision, the largest batch; needs neither ffcv nor Ray).
+precision, the largest batch; needs neither ffcv nor Ray), recovery (what a preemption costs, with
+and without a notice).
 """
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ def add_parsers(sub, s3_flags) -> None:
         "data", help="per node: bytes fetched, disk, time to first step, img/s; both placements",
         description=data.__doc__))
 
+    from . import recovery
+
+    recovery.add_arguments(sub.add_parser(
+        "recovery", help="steps and seconds a preemption costs, with and without a notice",
+        description=recovery.__doc__))
+
 
 def main(args) -> int:
     if args.bench == "gpu":   # before the others' imports: it runs where only torch is
@@ -72,10 +79,11 @@ def main(args) -> int:
 
         return bench_gpu(args)
     from .data import run as bench_data
+    from .recovery import run as bench_recovery
     from .stage import bench_stage
 
     return {"stage": bench_stage, "loader": bench_loader, "train": bench_train,
-            "data": bench_data}[args.bench](args)
+            "data": bench_data, "recovery": bench_recovery}[args.bench](args)
 
 
 def staged_sample(work: str, *, source: str | None, classes: int, train_per_class: int,

@@ -53,7 +53,8 @@ def bench_worker(config: dict) -> None:
     from ..data.manifest import ShardManifest
     from ..data.node_cache import cache_root
     from ..data.node_data import prepare
-    from ..training.worker import any_true, gather
+    from ..training.trainer import gather
+    from ..training.worker import any_true
 
     started = time.time()
     ctx = ray.train.get_context()

@@ -39,7 +39,7 @@ def synthetic_trainer(device, *, num_classes: int = 1000, **settings):
     """An ImageNetTrainer whose loaders are left out: the model (BlurPool, channels-last), the
     precision, SGD with the recipe's parameter groups and the schedule as a run builds them."""
     from ..config import TrainConfig
-    from ..training.worker import ImageNetTrainer
+    from ..training.trainer import ImageNetTrainer
 
     class Synthetic(ImageNetTrainer):
         def create_train_loader(self, reads):

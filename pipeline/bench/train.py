@@ -29,7 +29,7 @@ def timed_epoch(cfg: TrainConfig, paths: dict, classes: list, rank: int, world: 
                 device: torch.device, wrap_model=None) -> float:
     """Seconds per step of the second of two short epochs."""
     from ..data.loaders import Reads
-    from ..training.worker import ImageNetTrainer
+    from ..training.trainer import ImageNetTrainer
 
     batch = cfg.recipe.batch_size
     trainer = ImageNetTrainer(cfg, Reads.whole_file(paths["train"], rank, world, batch),

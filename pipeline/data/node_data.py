@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

@@ -23,7 +23,8 @@ from .cluster import check_capacity, check_data, worker_bundle
 from .failures import FailureRecorder, Trainer, explain_failure
 from .run_events import RunEvents
 from .summary import build_summary, finished_summary, write_summary
-from .worker import FAULT_ENV, train_worker
+from .trainer import FAULT_ENV
+from .worker import train_worker
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:

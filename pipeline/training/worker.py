@@ -1,304 +1,26 @@
-"""The per-worker training function: plain PyTorch with the FFCV recipe; Ray only at the edges
-(`prepare_model`, `report`, `get_checkpoint`, `get_context`).
+"""The entry point of each Ray Train worker: Ray at the edges (`get_context`, `get_checkpoint`,
+`report`, `get_preemption_info`) around the plain PyTorch trainer (trainer.py).
 
-Methods are the recipe's nouns, as in ffcv-imagenet's train_imagenet.py.
+When its worker group starts, a worker gets its node's data ready (data/node_data.py), builds
+the trainer, resumes from the latest checkpoint (at an epoch's end or at a step inside one), then
+trains epoch by epoch; between steps, control.py decides the checkpoints inside epochs and what a
+preemption notice needs; each epoch ends with validation and one report.
 """
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 import uuid
-import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..config import Recipe, TrainConfig
-from ..data.loaders import Reads, TrainLoader, val_loader
-from ..data.placement import Cursor, EpochReads, Segment, digest_hex, read_before
+from ..config import TrainConfig
+from ..data.placement import Cursor, Segment, digest_hex, read_before
 from . import checkpoint
-from .model import build_model, load_weights, param_groups
-from .precision import device_precision
-
-# "EPOCH:STEP:MARKER": the worker of rank 0 raises once at that step (the marker file records that
-# it did). The tests use it for a failure a real run can't be made to produce on demand.
-FAULT_ENV = "PIPELINE_INJECT_FAULT"
-
-
-def maybe_inject_fault(epoch: int, step: int, rank: int) -> None:
-    """"EPOCH:STEP:MARKER" fires once; "EPOCH:STEP:MARKER:N" fires the first N times rank 0
-    reaches that step (each restart from an earlier checkpoint reaches it again): the marker
-    holds one line per fault."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or rank != 0:
-        return
-    want_epoch, want_step, marker = spec.split(":", 2)
-    times = 1
-    if marker.rpartition(":")[2].isdigit():
-        marker, _, count = marker.rpartition(":")
-        times = int(count)
-    if (epoch, step) != (int(want_epoch), int(want_step)):
-        return
-    fired = len(Path(marker).read_text().splitlines()) if os.path.exists(marker) else 0
-    if fired < times:
-        with open(marker, "a") as f:
-            f.write(f"{time.time()}\n")
-        raise RuntimeError(f"injected fault {fired + 1} of {times} at epoch {epoch} step {step}")
-
-
-# -- the schedules, as plain functions of the recipe ----------------------------------------------
-def lr_at(r: Recipe, epoch: float, global_batch: int) -> float:
-    """Learning rate at a (fractional) epoch; r.lr is per 256 images."""
-    peak = r.lr * global_batch / 256
-    if r.lr_schedule == "triangular":
-        return float(np.interp(epoch, [0, r.lr_peak_epoch, r.epochs], [peak * 1e-4, peak, 0]))
-    if r.lr_schedule == "step":
-        return peak * r.lr_step_ratio ** int(epoch // r.lr_step_length)
-    warm = min(1.0, epoch / r.lr_peak_epoch) if r.lr_peak_epoch else 1.0  # cosine
-    progress = max(0.0, epoch - r.lr_peak_epoch) / max(1e-9, r.epochs - r.lr_peak_epoch)
-    return float(peak * warm * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
-
-
-def resolution_at(r: Recipe, epoch: int) -> int:
-    """Progressive resizing: min_res until start_ramp, then up to max_res by end_ramp, in steps
-    of 32 px."""
-    if epoch <= r.start_ramp:
-        return r.min_res
-    if epoch >= r.end_ramp:
-        return r.max_res
-    res = np.interp(epoch, [r.start_ramp, r.end_ramp], [r.min_res, r.max_res])
-    return int(np.round(res / 32)) * 32
-
-
-class ImageNetTrainer:
-    def __init__(self, cfg: TrainConfig, train: Reads, val: Reads, classes: list[dict],
-                 rank: int, world: int, device: torch.device, wrap_model=None):
-        self.cfg, self.recipe, self.classes = cfg, cfg.recipe, classes
-        self.wrap_model = wrap_model
-        self.lineage: dict = {}   # manifest sha256, MLflow run, trial: copied into checkpoints
-        # On CPU, DDP warns once per worker that 1x1-conv gradient strides differ from its buckets.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        self.rank, self.world, self.device = rank, world, device
-        self.train_reads = train
-        # a constant of the run, whatever the world size of the moment (config.global_batch)
-        self.global_batch = train.layout.global_batch
-        # autocast, loader dtype and scaler decided together (a UserError for bf16 without it)
-        self.precision = device_precision(self.recipe.precision, device)
-        self.train_loader = self.create_train_loader(train)
-        self.val_loader = self.create_val_loader(val)
-        # FFCV sets torch's thread count when it builds a Loader; set ours afterwards.
-        torch.set_num_threads(cfg.resources.cpus_per_worker)
-        self.model = self.create_model()
-        self.optimizer = self.create_optimizer()
-        self.loss = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
-        self.autocast_dtype = self.get_autocast_dtype()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
-
-    # -- the recipe -----------------------------------------------------------------------------
-    def get_lr(self, epoch: float) -> float:
-        return lr_at(self.recipe, epoch, self.global_batch)
-
-    def get_resolution(self, epoch: int) -> int:
-        return resolution_at(self.recipe, epoch)
-
-    def get_autocast_dtype(self):
-        return self.precision.autocast
-
-    def create_model(self) -> nn.Module:
-        """The model on this worker's device, wrapped for DDP (by Ray's prepare_model unless the
-        caller brings its own wrapper, as the torchrun benchmark does)."""
-        torch.manual_seed(self.recipe.seed)
-        model = build_model(self.recipe.arch, len(self.classes), self.recipe.blurpool)
-        if self.device.type == "cuda" and self.recipe.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.wrap_model is None:
-            import ray.train.torch
-
-            return ray.train.torch.prepare_model(model)
-        return self.wrap_model(model)
-
-    @property
-    def bare_model(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)
-
-    def create_optimizer(self):
-        return torch.optim.SGD(param_groups(self.bare_model, self.recipe.weight_decay), lr=0.0,
-                               momentum=self.recipe.momentum)
-
-    def create_train_loader(self, reads: Reads) -> TrainLoader:
-        """This rank's part of each global batch per step (reads.count): batch_size with the
-        run's full world, more with fewer workers (trained in micro-batches, train_step)."""
-        return TrainLoader(reads, reads.count, self.get_resolution(0),
-                           self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device,
-                           self.precision.loader_dtype)
-
-    def create_val_loader(self, reads: Reads):
-        return val_loader(reads, self.recipe.val_batch_size, self.recipe.val_res,
-                          self.cfg.resources.cpus_per_worker, self.device,
-                          self.precision.loader_dtype)
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _channels_last(self, images):
-        if self.device.type == "cuda" and self.recipe.channels_last:
-            return images.to(memory_format=torch.channels_last)
-        return images
-
-    def train_step(self, images, target, lr: float) -> torch.Tensor:
-        """One optimizer step on this rank's part of a global batch, in micro-batches of at most
-        batch_size (gradients accumulated; DDP syncs on the last). Each micro-batch's loss is
-        weighted so that the step's gradient is the mean over the global batch whatever the
-        world size and however it is split. Returns the sum of the per-image losses."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(lr)   # a numpy float would not load with weights_only
-        self.optimizer.zero_grad(set_to_none=True)
-        n, size = len(target), self.recipe.batch_size
-        weight = self.world / self.global_batch   # DDP averages the ranks' gradients
-        total = torch.zeros((), device=self.device)
-        for start in range(0, n, size):
-            last = start + size >= n
-            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            x, y = images[start:start + size], target[start:start + size]
-            with sync:
-                with self._autocast():
-                    loss = self.loss(self.model(self._channels_last(x)), y)
-                self.scaler.scale(loss * (len(y) * weight)).backward()
-            total += loss.detach() * len(y)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return total
-
-    def train_loop(self, epoch: int, reads: EpochReads | None = None, steps_before: int = 0,
-                   after_step=None) -> dict:
-        """The steps of `reads` (default: the whole epoch; or the rest of it after `steps_before`
-        steps done before an interruption). after_step(step, step_s, wait_s, loss) runs after
-        each one, with the epoch's step number; it may checkpoint (a collective: it runs at the
-        same step on every rank)."""
-        if reads is None:
-            reads = self.train_reads.epoch(epoch, self.recipe.seed,
-                                           max_steps=self.cfg.loader.max_steps_per_epoch)
-        self.model.train()
-        res = self.get_resolution(epoch)
-        total = steps_before + reads.steps
-        fraction = np.arange(steps_before, total) / max(1, total)
-        lrs = np.interp(fraction + epoch, [epoch, epoch + 1],
-                        [self.get_lr(epoch), self.get_lr(epoch + 1)])
-        loss_sum = torch.zeros((), device=self.device)
-        batches = iter(self.train_loader.epoch(epoch, res, self.train_reads.local[reads.gids]))
-        start = tick = time.perf_counter()
-        waiting = 0.0
-        self.steps_done = 0
-        for i in range(reads.steps):
-            images, target = next(batches)
-            got = time.perf_counter()
-            loss = self.train_step(images, target, lrs[i])
-            loss_sum += loss
-            self.steps_done = i + 1
-            maybe_inject_fault(epoch, steps_before + i, self.rank)
-            now = time.perf_counter()
-            waiting += got - tick
-            if after_step is not None:
-                after_step(steps_before + i, now - tick, got - tick, loss / max(1, len(target)))
-            tick = time.perf_counter()
-        seconds = time.perf_counter() - start
-        stats = torch.tensor([loss_sum.item(), reads.steps * reads.count], dtype=torch.float64)
-        self._all_reduce(stats)
-        return {"train_loss": stats[0].item() / max(1, stats[1].item()),
-                "images_per_s": reads.steps * self.global_batch / seconds if seconds else 0.0,
-                "lr": float(lrs[-1]) if reads.steps else 0.0, "resolution": res,
-                "steps": total, "epoch_seconds": seconds,
-                "data_wait": waiting / seconds if seconds else 0.0}
-
-    def val_loop(self) -> dict:
-        """Top-1/top-5 over the whole validation split, summed across workers."""
-        model = self.bare_model   # no DDP collectives in eval: ranks may have unequal batches
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)   # correct@1, correct@5, loss sum, count
-        with torch.no_grad(), self._autocast():
-            for images, target in self.val_loader:
-                images = self._channels_last(images)
-                output = model(images)
-                if self.recipe.lr_tta:
-                    output = (output + model(torch.flip(images, dims=[3]))) / 2
-                top5 = output.topk(min(5, output.shape[1]), dim=1).indices
-                hits = top5 == target[:, None]
-                sums += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
-                                      self.loss(output.float(), target).item() * len(target),
-                                      len(target)], dtype=torch.float64)
-        self._all_reduce(sums)
-        n = max(1.0, sums[3].item())
-        return {"val_top1": sums[0].item() / n, "val_top5": sums[1].item() / n,
-                "val_loss": sums[2].item() / n, "val_images": int(sums[3].item())}
-
-    def _all_reduce(self, t: torch.Tensor) -> None:
-        if self.world > 1 and dist.is_initialized():
-            moved = t.to(self.device)
-            dist.all_reduce(moved)
-            t.copy_(moved.cpu())
-
-    def read_digest(self, reads: EpochReads, steps: int) -> tuple[int, int]:
-        """(samples, digest) of what every rank read in the first `steps` steps of `reads`
-        (a collective). The digest is summed as two 32-bit halves, so no sum overflows."""
-        terms = self.train_reads.ids.terms[reads.gids[:steps * reads.count]]
-        t = torch.tensor([len(terms), int((terms >> np.uint64(32)).sum(dtype=np.uint64)),
-                          int((terms & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))],
-                         dtype=torch.int64)
-        self._all_reduce(t)
-        count, high, low = (int(v) for v in t.tolist())
-        return count, ((high << 32) + low) % 2**64
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    def rng_states(self) -> list[dict]:
-        """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-        return gather(checkpoint.rng_state(), self.world)
-
-    def save(self, folder: str, epoch: int, metrics: dict, rng: list[dict],
-             cursor: dict | None = None, epoch_samples: list[dict] | None = None) -> None:
-        """Everything needed to resume (weights, optimizer, scaler, epoch, data position, RNG)
-        and to serve."""
-        meta = checkpoint.meta(self.cfg, self.classes, epoch, metrics, self.lineage)
-        meta["epoch_samples"] = epoch_samples or []
-        if cursor:
-            meta["cursor"] = {"epoch": cursor["epoch"], "steps": sum(
-                s["steps"] for s in cursor["segments"])}
-        checkpoint.save(folder, model=self.bare_model.state_dict(),
-                        optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                        epoch=epoch, rng=rng, meta=meta, cursor=cursor, epoch_samples=epoch_samples)
-
-    def load(self, folder: str) -> dict:
-        """Resume from a checkpoint folder; each rank gets back its own RNG state (a run resumed
-        with another world size re-seeds each rank from the seed, the epoch and its rank).
-        Returns {epoch, cursor (or None), epoch_samples}."""
-        path = os.path.join(folder, checkpoint.CHECKPOINT_FILE)
-        state = checkpoint.load_state(Path(path).read_bytes(), path)
-        self.bare_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        epoch = int(state["epoch"])
-        rng = state.get("rng") or []
-        if len(rng) == self.world:
-            checkpoint.set_rng_state(rng[self.rank])
-        else:
-            seed = self.recipe.seed * 1_000_003 + epoch * 1009 + self.rank
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-        import json
-
-        return {"epoch": epoch, "cursor": json.loads(state["cursor"]) if state.get("cursor") else None,
-                "epoch_samples": json.loads(state.get("epoch_samples") or "[]")}
-
-    def init_weights(self, state: dict) -> str:
-        return load_weights(self.bare_model, state)
-
+from .trainer import ImageNetTrainer, epoch_line, gather
 
 def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report and checkpoint at INFO from each worker (one of its loggers is
@@ -309,21 +31,6 @@ def _quiet_ray_train_logs() -> None:
 
     for name in (context.__file__, storage.__name__, "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def gather(value, world: int) -> list:
-    """Every rank's value, in rank order (a collective)."""
-    if world > 1 and dist.is_initialized():
-        out: list = [None] * world
-        dist.all_gather_object(out, value)
-        return out
-    return [value]
-
-
-def epoch_line(label: str, epoch: int, epochs: int, m: dict) -> str:
-    return (f"[{label}] epoch {epoch}/{epochs} loss {m['train_loss']:.3f} "
-            f"top1 {m['val_top1']:.3f} top5 {m['val_top5']:.3f} {m['images_per_s']:.0f} img/s "
-            f"res {m['resolution']} lr {m['lr']:.3g}")
 
 
 def train_worker(config: dict) -> None:
@@ -367,6 +74,8 @@ def train_worker(config: dict) -> None:
     every_fetch = gather(fetched, world)
     if rank == 0:
         say(f"[{label}] {plan.line(facts)}")
+        events.add("layout", placement=plan.placement, world_size=world,
+                   train=plan.layouts["train"].to_dict())
     if local_rank == 0:   # what this node holds: for the summary and `bench data`
         for split, stats in fetched.splits.items():
             group, _, _ = plan.layouts[split].place(rank)

@@ -163,11 +163,13 @@ def test_an_epoch_interrupted_at_a_step_resumes_with_exactly_the_rest(placement,
 
 def test_resumed_on_other_nodes_in_the_per_node_placement_no_sample_is_read_twice():
     before = plan_layout(SHARDS, "node", ["a", "b", "c"], 2, 24)
-    cursor = Cursor(0, 2, 24, [Segment(before, 40)])
+    first = read_before(IDS, Cursor(0, 2, 24, [Segment(before, 40)]))
+    assert first.sum() == 40 * 24
+    # c goes, d comes: a new assignment, and a second interruption 10 steps later
     after = plan_layout(SHARDS, "node", ["a", "d"], 2, 24, holdings={
         "a": set(before.groups[0].shards)})
-    cursor2 = Cursor(0, 2, 24, [Segment(before, 40), Segment(after, 10)])
-    done = read_before(IDS, cursor2)
+    done = read_before(IDS, Cursor(0, 2, 24, [Segment(before, 40), Segment(after, 10)]))
+    assert (done >= first).all()
     rest, _ = read_epoch(after, 2, 0, done)
     got = np.concatenate([np.flatnonzero(done), *rest])
     assert len(got) == len(set(got.tolist()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import Recipe
-from pipeline.training.worker import lr_at, resolution_at
+from pipeline.training.trainer import lr_at, resolution_at
 
 
 def test_triangular_lr_peaks_at_the_peak_epoch_scaled_per_256_images():
