@@ -104,8 +104,10 @@ def test_shard_plan_is_deterministic_and_mixes_classes(sample_sets):
 
 
 def test_unknown_layout_and_split_are_user_errors(sample_sets):
-    with pytest.raises(UserError, match="unknown split"):
+    with pytest.raises(UserError, match="unknown split 'test'"):
         discover(Storage(), sample_sets["folders"], splits=["test"])
+    with pytest.raises(UserError, match=r"--layout: unknown layout 'zip' \(choose from folders"):
+        discover(Storage(), sample_sets["folders"], layout="zip")
 
 
 def test_multipart_upload_for_large_files(s3, bucket, tmp_path):

@@ -15,6 +15,8 @@ from helpers import (PIPELINE, class_from_colour, grey16_png, jpeg_claiming, las
 
 from pipeline.ops.local_services import free_ports
 from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import plan_digest, plan_shards, shard_task_memory
+from pipeline.data.source import discover
 from pipeline.storage import sha256_file
 from pipeline.storage import Storage
 
@@ -97,6 +99,23 @@ def test_stage_layout_s3_to_s3(layout, sample_sets, s3, bucket, s3_storage, ray_
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="staged/")
         return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
 
+    if layout == "tars":
+        # read about once (counted where Storage reads), and the same images and labels as the
+        # listing of the same archives on disk gives; each shard task asked for its memory
+        manifest = read_manifest(s3_storage, dest)
+        assert summary["source_bytes"] == manifest.source["bytes"] == \
+            sum(p.stat().st_size for p in Path(sample_sets[layout]).iterdir())
+        assert 0.5 < summary["source_bytes_read"] / summary["source_bytes"] <= 1.1, summary
+        assert manifest.source["bytes_read"] == summary["source_bytes_read"]
+        plans = plan_shards(discover(Storage(), sample_sets[layout]), manifest.writer, 7)
+        assert plan_digest(plans, [c.wnid for c in manifest.classes]) == manifest.plan
+        from ray.util.state import list_tasks
+
+        asked = {t.required_resources.get("memory") for t in list_tasks(
+            address=ray_cluster.address, limit=10_000, detail=True,
+            filters=[("func_or_class_name", "=", "_stage_shard_task")])}
+        assert {shard_task_memory(p, manifest.writer) for p in plans} <= asked
+
     before = objects()
     time.sleep(1.1)  # LastModified has one-second resolution
     again = last_json(run_cli("stage", "--source", src, "--dest", dest, "--shard-size", 7, "--json",
@@ -106,6 +125,8 @@ def test_stage_layout_s3_to_s3(layout, sample_sets, s3, bucket, s3_storage, ray_
 
 
 def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, tmp_path):
+    """Ctrl-C, then SIGTERM, then kill -9 mid-stage: the first two end in words (exit 130 and
+    143, how to resume), none leaves a manifest, and the next run finishes what is missing."""
     src = sample_sets["folders"]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, TQDM_DISABLE="1")
     args = ["stage", "--source", src, "--shard-size", "1", "--workers", "1", "--json"]
@@ -114,17 +135,29 @@ def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, t
     assert planned == 4 * 6 + 5 + 4 * 3   # one shard per planned image (bad files included)
 
     dest = tmp_path / "interrupted"
-    proc = subprocess.Popen([PIPELINE, *args, "--dest", str(dest)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 180
-    while len(list(dest.glob(".parts/*/*.json"))) < 5:
-        assert proc.poll() is None, "stage finished before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(dest.glob(".parts/*/*.json")))
+
+    def records():
+        return len(list(dest.glob(".parts/*/*.json")))
+
+    for sig, more in ((signal.SIGINT, 3), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+        proc = subprocess.Popen([PIPELINE, *args, "--dest", str(dest)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        target = records() + more
+        wait_for(lambda: records() >= target, f"{target} shard records", 180, proc)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            continue
+        proc.send_signal(sig)   # the stage's own process, as Ctrl-C or `kill` reach it
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, (sig, stderr[-3000:])
+        name = signal.Signals(sig).name
+        assert f"interrupted ({name}): the shards written so far are kept; re-run the same " \
+               "command to finish" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert not (dest / "manifest.json").exists()
+    done_before = records()
     assert not (dest / "manifest.json").exists()
     assert done_before < planned
     # a reader refuses the half-staged dataset
@@ -142,8 +175,12 @@ def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, t
 
 
 def test_corrupt_shard_is_redone(sample_sets, ray_cluster, tmp_path):
+    """...and a garbled manifest is refused, and so is a source that changed since (both in
+    words; --replace stages over them)."""
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-r", sample_sets["devkit"], src], check=True)
     dest = tmp_path / "staged"
-    args = ["stage", "--source", sample_sets["devkit"], "--dest", dest, "--shard-size", 10, "--json"]
+    args = ["stage", "--source", src, "--dest", dest, "--shard-size", 10, "--json"]
     env = {"RAY_ADDRESS": ray_cluster.address}
     first = last_json(run_cli(*args, env=env).stdout)
     manifest = json.loads((dest / "manifest.json").read_text())
@@ -164,6 +201,14 @@ def test_corrupt_shard_is_redone(sample_sets, ray_cluster, tmp_path):
     assert "Traceback" not in proc.stderr
     replaced = last_json(run_cli(*args, "--replace", env=env).stdout)
     assert replaced["shards_reused"] == first["shards_written"]
+    assert json.loads((dest / "manifest.json").read_text()) == manifest
+
+    # The source changed (one training image fewer): `pipeline stage` refuses to stage it over
+    # the dataset of the old one, naming --replace, and leaves that dataset as it was.
+    next(src.glob("train/*/*.JPEG")).unlink()
+    line = _stage_error(src, dest, env, extra=("--shard-size", 10))
+    assert f"{dest} already holds a dataset staged from {src} with other images or settings" in line
+    assert "--replace" in line
     assert json.loads((dest / "manifest.json").read_text()) == manifest
 
 
@@ -240,9 +285,10 @@ def test_untrusted_images_are_skipped_and_recorded(ray_cluster, tmp_path):
 
 
 def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, ray_cluster, tmp_path):
-    """SeaweedFS killed mid-stage and back 5 s later: the stage finishes, byte-identical to an
-    undisturbed run. Killed for longer than --s3-outage-minutes: one line naming the endpoint,
-    and the next run aborts the multipart uploads the interrupted one left."""
+    """SeaweedFS killed mid-stage and back 5 s later: the stage meets the outage (the warning
+    line), retries, and finishes byte-identical to an undisturbed run. Killed for longer than
+    --s3-outage-minutes: the stage waits that long (not less) and then ends in one line naming
+    the endpoint; the next run finishes the dataset."""
     from pipeline.ops.local_services import start_seaweedfs
     from pipeline.storage import S3Settings
 
@@ -251,6 +297,7 @@ def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, 
     env = {**s3.env(), "AWS_ENDPOINT_URL": server.endpoint, "RAY_ADDRESS": ray_cluster.address}
     args = ["stage", "--source", sample_sets["tars"], "--shard-size", 5, "--workers", 1, "--json"]
     reference = last_json(run_cli(*args, "--dest", tmp_path / "reference", env=env).stdout)
+    warning = f"[s3] warning: {server.endpoint} is not answering"
 
     def parts(prefix):
         listed = client().list_objects_v2(Bucket="outage", Prefix=f"{prefix}/.parts/")
@@ -266,30 +313,87 @@ def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, 
         server = server.restart()
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
+        assert warning in stdout + stderr, (stdout + stderr)[-3000:]   # met, and retried
         assert last_json(stdout)["splits"] == reference["splits"]
         staged = client().get_object(Bucket="outage", Key="short/manifest.json")["Body"].read()
         assert staged == (tmp_path / "reference" / "manifest.json").read_bytes()
 
+        bound = 0.3 * 60
         proc = subprocess.Popen([PIPELINE, *map(str, args), "--dest", "s3://outage/long",
                                  "--s3-outage-minutes", "0.3"],
                                 env={**os.environ, **env, "TQDM_DISABLE": "1"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: parts("long") >= 2, "two staged shards", 300, proc)
+        down = time.monotonic()
         server.stop(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)
+        waited = time.monotonic() - down
         assert proc.returncode == 2, stderr[-3000:]
+        assert warning in stdout + stderr
+        # every call that met the outage rode it out for the whole bound before giving up
+        assert waited >= bound, waited
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"cannot reach the S3 endpoint {server.endpoint}" in errors[0]
+        assert f"(waited {bound:.0f} s)" in errors[0]
         assert "Traceback" not in stderr
         server = server.restart()
-        # what a run killed mid-upload leaves (the kill above may or may not have hit one)
-        client().create_multipart_upload(Bucket="outage", Key="long/train/shard-00001.beton")
         again = run_cli(*args, "--dest", "s3://outage/long", env=env)
-        assert "aborted" in again.stdout
         assert last_json(again.stdout)["splits"] == reference["splits"]
-        assert not client().list_multipart_uploads(Bucket="outage").get("Uploads")
     finally:
         server.stop()
+
+
+def test_a_stage_killed_mid_upload_leaves_an_upload_that_the_next_run_aborts(
+        s3, bucket, s3_storage, ray_cluster, tmp_path):
+    """Shards above a lowered multipart threshold: the shard task's worker is killed while it
+    uploads one (found through the cluster's State API). Ray runs the task again and the stage
+    finishes, but the killed upload stays unfinished in the bucket (storage is billed for its
+    parts) until the next run aborts it."""
+    from ray.util.state import list_tasks
+
+    from pipeline.data.sample_data import generate
+
+    src = tmp_path / "big"   # images up to 1600 px, stored raw at 1024 px: ~16 MB shards
+    generate(str(src), "folders", classes=2, train_per_class=12, val_per_class=0, seed=4,
+             max_side=1600)
+    dest = f"s3://{bucket}/staged"
+    args = ["stage", "--source", src, "--dest", dest, "--splits", "train", "--max-resolution",
+            1024, "--compress-probability", 0, "--shard-size", 8, "--workers", 1, "--json"]
+    env = {**s3.env(), "RAY_ADDRESS": ray_cluster.address,
+           "PIPELINE_MULTIPART_THRESHOLD": str(1024 * 1024)}
+    client = s3_storage.client
+
+    def uploads():
+        return {u["UploadId"]: u["Key"] for u in
+                client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+    def shard_workers():
+        return {t.worker_pid for t in list_tasks(
+            address=ray_cluster.address, limit=10_000, filters=[
+                ("func_or_class_name", "=", "_stage_shard_task"), ("state", "=", "RUNNING")])
+            if t.worker_pid}
+
+    proc = subprocess.Popen([PIPELINE, *map(str, args)], env={**os.environ, **env,
+                            "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    killed = {}
+    while not killed:
+        wait_for(shard_workers, "a running shard task", 300, proc)
+        under_way = wait_for(uploads, "a multipart upload under way", 300, proc)
+        for pid in shard_workers():
+            os.kill(pid, signal.SIGKILL)
+        # still listed once its uploader is dead: it can never complete now
+        killed = {k: v for k, v in uploads().items() if k in under_way}
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]   # Ray ran the killed task again
+    first = last_json(stdout)
+    assert first["splits"] == {"train": 24}
+    assert set(killed) <= set(uploads()), "the stage itself left the unfinished upload"
+
+    again = run_cli(*args, env=env)
+    assert f"aborted {len(killed)} unfinished upload(s)" in again.stdout
+    assert not uploads()
+    assert last_json(again.stdout)["shards_reused"] == 3
 
 
 def test_one_stage_at_a_time_per_destination(sample_sets, ray_cluster, tmp_path):
@@ -310,3 +414,67 @@ def test_one_stage_at_a_time_per_destination(sample_sets, ray_cluster, tmp_path)
     assert first.returncode == 0, stderr[-2000:]
     assert json.loads((dest / "manifest.json").read_text())["writer"]["jpeg_quality"] == 90
     assert not (dest / ".lease.json").exists()
+
+
+def test_a_stage_whose_lease_was_taken_over_on_s3_writes_no_manifest(sample_sets, s3, bucket,
+                                                                     s3_storage, ray_cluster):
+    """Another run took the lease (an S3 object, written with If-Match on its ETag) while this
+    stage worked: it ends in one line before it writes its manifest, and leaves the other run's
+    lease alone."""
+    dest = f"s3://{bucket}/staged"
+    env = {**os.environ, **s3.env(), "RAY_ADDRESS": ray_cluster.address, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([PIPELINE, "stage", "--source", sample_sets["devkit"], "--dest", dest,
+                             "--shard-size", "7", "--workers", "1"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: s3_storage.exists(f"{dest}/.lease.json"), "the stage's lease", 120, proc)
+    other = {"owner": "someone@elsewhere pid 1", "host": "elsewhere", "pid": 1, "token": "other",
+             "what": "pipeline stage from another source", "expires": time.time() + 600}
+    s3_storage.write_bytes(f"{dest}/.lease.json", json.dumps(other).encode())
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lost its lease to another run (pipeline stage from another " \
+        "source, someone@elsewhere pid 1)" in errors[0], stderr[-3000:]
+    assert not s3_storage.exists(f"{dest}/manifest.json")
+    assert json.loads(s3_storage.read_bytes(f"{dest}/.lease.json"))["token"] == "other"
+
+
+def test_of_two_stages_racing_for_an_s3_lease_exactly_one_gets_it(s3, bucket):
+    """Both read 'no lease' and then write at once (held at a barrier in between): S3's
+    conditional write (If-None-Match) lets exactly one of them have it."""
+    import threading
+
+    from pipeline.data.lease import Lease
+    from pipeline.errors import UserError
+    from pipeline.storage import S3Settings
+
+    barrier = threading.Barrier(2, timeout=60)
+
+    class Racing(Storage):
+        def write_if(self, uri, data, version):
+            if version is None:
+                barrier.wait()   # both have seen no lease; now both write
+            return super().write_if(uri, data, version)
+
+    uri = f"s3://{bucket}/staged/.lease.json"
+    settings = S3Settings(s3.endpoint, s3.access_key, s3.secret_key)
+    outcome = {}
+
+    def take(name):
+        try:
+            outcome[name] = Lease(Racing(settings), uri, f"stage {name}").acquire()
+        except UserError as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    won = [n for n, o in outcome.items() if isinstance(o, Lease)]
+    lost = [o for o in outcome.values() if isinstance(o, UserError)]
+    assert len(won) == 1 and len(lost) == 1, outcome
+    assert f"being written by another run (stage {won[0]}" in str(lost[0])
+    held = json.loads(Storage(settings).read_bytes(uri))
+    assert held["token"] == outcome[won[0]].token
+    outcome[won[0]].release()

@@ -110,7 +110,7 @@ def bench_stage(args) -> int:
                 best = max(best or 0, rate)
             rows.append({"writer": f"pipeline stage, {n} Ray worker(s)", "workers": n,
                          "images": res.images, "images_per_s": round(best, 1)})
-        reads = [source_row(source, res.summary())]
+        reads = [source_row(f"{source} (train split)", res.summary())]
         if server:
             tars_res = stage(StageConfig(source=tars, dest=os.path.join(work, "tars-staged"),
                                          max_resolution=args.max_resolution,
