@@ -259,8 +259,10 @@ def _register_args(p):
 
 @command("register", "register a checkpoint in the MLflow model registry",
          "Log a checkpoint's model to MLflow and register a new version. It becomes @champion "
-         "only if it is clearly better than chance and beats the current champion on the same "
-         "validation set; else @challenger (it lost) or no alias (not comparable, or at chance).",
+         "only if it is clearly better than chance and beats the current champion on a score "
+         "measured alike (same validation set, same val resolution, crop and flip averaging); "
+         "else @challenger (it lost) or no alias (not comparable, or at chance). The registered "
+         "model serves itself (`mlflow models serve`): JPEG/PNG bytes in, top-5 classes out.",
          arguments=_register_args, groups=("config", "tracking", "json", "s3"))
 def cmd_register(args) -> int:
     from .config import RegisterConfig, from_args
@@ -308,7 +310,8 @@ def _predict_args(p):
 
 @command("predict", "top-5 classes of images from a registered model",
          "Load a registered model and print the top classes (wnid, name, probability) of each "
-         "image, preprocessed as recorded. An image that cannot be read is reported in one line; "
+         "image, evaluated as its val top-1 was (resolution, crop, flip averaging). An image "
+         "that cannot be read is reported in one line; "
          "the others are still predicted; the exit status is then 2.",
          arguments=_predict_args, groups=("tracking", "json"))
 def cmd_predict(args) -> int:

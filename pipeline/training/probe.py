@@ -68,7 +68,7 @@ def try_step(model: nn.Module, loss_fn, device: torch.device, *, batch: int, res
             loss = loss_fn(model(images), target)
         loss.backward()
     finally:
-        held = images = target = loss = None   # noqa: F841 (freed before empty_cache)
+        held = images = target = loss = None   # freed before empty_cache
         if hook is not None:
             hook.remove()
         model.train(was_training)

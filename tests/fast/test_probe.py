@@ -8,8 +8,12 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.training.model import build_model, param_groups
-from pipeline.training.probe import (OOM_FAULT_ENV, loader_device_bytes, probe_largest_step,
-                                     try_step)
+from pipeline.training.probe import (
+    OOM_FAULT_ENV,
+    loader_device_bytes,
+    probe_largest_step,
+    try_step,
+)
 
 CPU = torch.device("cpu")
 
