@@ -260,13 +260,13 @@ def register(checkpoint_uri: str | None, model_name: str, storage: Storage | Non
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp_id = experiment_id(mlflow_client, experiment, uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{model_name}", tags=tags):
-            mlflow.log_params(safe_params({"arch": meta["arch"], "epoch": meta["epoch"],
-                                           "num_classes": meta["num_classes"]}))
-            mlflow.log_metrics({k: v for k, v in meta.get("metrics", {}).items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            info = log_model(meta, state["model"], model, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, \
+            mlflow.start_run(experiment_id=exp_id, run_name=f"register-{model_name}", tags=tags):
+        mlflow.log_params(safe_params({"arch": meta["arch"], "epoch": meta["epoch"],
+                                       "num_classes": meta["num_classes"]}))
+        mlflow.log_metrics({k: v for k, v in meta.get("metrics", {}).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        info = log_model(meta, state["model"], model, Path(tmp))
     score = meta.get("metrics", {}).get("val_top1")
     version_tags = {**tags, CLASSES_TAG: str(meta["num_classes"])}
     if score is not None:

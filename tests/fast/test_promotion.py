@@ -6,9 +6,19 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.registry.promote import (CHALLENGER, CHAMPION, CONTENDS_TAG, ERA_TAG, NONE, SCORE_TAG,
-                                       Scored, comparability_key, decide, eval_protocol,
-                                       rightful_champion)
+from pipeline.registry.promote import (
+    CHALLENGER,
+    CHAMPION,
+    CONTENDS_TAG,
+    ERA_TAG,
+    NONE,
+    SCORE_TAG,
+    Scored,
+    comparability_key,
+    decide,
+    eval_protocol,
+    rightful_champion,
+)
 from pipeline.training import checkpoint
 
 SET = "s" * 64
@@ -57,7 +67,9 @@ def test_the_comparability_key_covers_the_val_set_and_the_protocol():
 
 
 def test_the_protocol_is_read_from_the_checkpoint():
-    cfg = lambda **kw: TrainConfig(arch="resnet18", **kw)   # noqa: E731
+    def cfg(**kw):
+        return TrainConfig(arch="resnet18", **kw)
+
     classes = [{"index": 0, "wnid": "n0", "name": "a"}]
     meta = checkpoint.meta(cfg(val_res=160, lr_tta=True), classes, 1, {})
     assert meta["preprocessing"]["lr_tta"] is True
