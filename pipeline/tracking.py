@@ -371,13 +371,30 @@ class TrackedRun:
     def for_workers(self) -> dict:
         return {"uri": self.uri, "run_id": self.run_id, "outbox": self.outbox}
 
+    def _record_preemptions(self, log: "RunLog", found: list[dict]) -> None:
+        """Each preemption as metrics at step = its number (steps lost, seconds to checkpoint
+        on the notice and to the first step after it) and all of them as the tag
+        `preemptions` (JSON: nodes, deadline, checkpoint and resume positions)."""
+        for i, p in enumerate(found, start=1):
+            log.log({f"preemption_{k}": p[k] for k in
+                     ("steps_lost", "checkpoint_seconds", "seconds_to_first_step")
+                     if isinstance(p.get(k), (int, float))}, i)
+        if found:
+            try:
+                self.client.set_tag(self.run_id, "preemptions", json.dumps(found)[:5000])
+            except Exception as exc:   # noqa: BLE001 - the summary keeps them either way
+                self.say(f"[mlflow] warning: could not record the preemptions as a tag "
+                         f"({type(exc).__name__}); summary.json has them")
+
     def finish(self, summary: dict | None = None, status: str = "FINISHED") -> None:
         """Send held metrics, the final figures, and the end status (FAILED, KILLED...)."""
         log = RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say)
         if summary is not None:
             final = {f"final_{k}": summary[k] for k in ("val_top1", "val_top5")
                      if summary.get(k) is not None}
-            final.update(restarts=summary["restarts"], epochs_completed=summary["epochs_completed"])
+            final.update(restarts=summary["restarts"], epochs_completed=summary["epochs_completed"],
+                         preemptions=len(summary.get("preemptions", [])))
             log.log(final, summary["epochs_completed"])
+            self._record_preemptions(log, summary.get("preemptions", []))
         if log.flush():
             end_run(self.uri, self.run_id, status)

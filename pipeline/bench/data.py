@@ -40,6 +40,10 @@ def add_arguments(p) -> None:
     p.add_argument("--accuracy-seeds", type=int, default=0,
                    help="also train N seeds per placement on 2 nodes and print val top-1")
     p.add_argument("--epochs", type=int, default=4, help="epochs of each accuracy run")
+    p.add_argument("--no-warm-mixed", dest="warm_mixed", action="store_false",
+                   help="skip the warm-cache/mixed-mode row: 2 nodes, global placement, one "
+                        "whose cache holds half the shards in another order and streams (little "
+                        "memory), one fresh in memory mode; checks each sample is read once")
 
 
 def bench_worker(config: dict) -> None:
@@ -73,7 +77,8 @@ def bench_worker(config: dict) -> None:
     first_batch = None
     for epoch in range(2):
         count, t0 = 0, time.perf_counter()
-        order = train.local[train.epoch(epoch, 0).gids]
+        reads = train.epoch(epoch, 0)
+        order = train.local[reads.gids]
         for images, _ in loader.epoch(epoch, config["res"], order):
             if first_batch is None:
                 first_batch = time.time()
@@ -87,13 +92,16 @@ def bench_worker(config: dict) -> None:
     out = {"rank": rank, "node": node[:8], "bytes_downloaded": fetched["bytes_downloaded"],
            "share_bytes": fetched["share_bytes"], "disk_bytes": disk,
            "fetch_s": fetched["seconds"], "first_step_s": first_batch - config["t0"],
-           "worker_start_s": started - config["t0"], "images_per_s": rate}
+           "worker_start_s": started - config["t0"], "images_per_s": rate,
+           "stream": plan.streams[node], "kept": fetched.get("shards_kept", 0),
+           "read_last_epoch": reads.gids.tolist(), "style": plan.layouts["train"].style}
     Path(config["out"], f"rank-{rank}.json").write_text(json.dumps(out))
 
 
 def one_run(data: str, storage, manifest, nodes: int, placement: str, args, work: Path,
-            env: dict) -> list[dict]:
-    """A fresh cluster of `nodes` worker nodes (cold caches); one row per worker."""
+            env: dict, node_env=None, name: str = "") -> list[dict]:
+    """A fresh cluster of `nodes` worker nodes (cold caches, unless node_env(i, cache) warms
+    one and returns extra variables for it); one row per worker."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.train import RunConfig, ScalingConfig
@@ -101,15 +109,17 @@ def one_run(data: str, storage, manifest, nodes: int, placement: str, args, work
     from ..ops.local_services import free_ports
     from ..training.failures import Trainer
 
-    out = work / f"out-{placement}-{nodes}"
+    name = name or f"{placement}-{nodes}"
+    out = work / f"out-{name}"
     out.mkdir(parents=True)
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0],
                                       "env_vars": env})
     for i in range(nodes):
-        cache = work / f"cache-{placement}-{nodes}-{i}"
+        cache = work / f"cache-{name}-{i}"
+        extra = node_env(i, cache) if node_env else {}
         cluster.add_node(num_cpus=1, resources={"trainer": 1},
-                         env_vars={**env, "PIPELINE_CACHE_DIR": str(cache)})
+                         env_vars={**env, "PIPELINE_CACHE_DIR": str(cache), **extra})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
@@ -120,12 +130,42 @@ def one_run(data: str, storage, manifest, nodes: int, placement: str, args, work
                                    "batch_size": args.batch_size, "res": args.res, "t0": t0},
                 scaling_config=ScalingConfig(num_workers=nodes, resources_per_worker={
                     "CPU": 1, "trainer": 1}),
-                run_config=RunConfig(storage_path=str(work / "ray"), name=f"{placement}-{nodes}")
+                run_config=RunConfig(storage_path=str(work / "ray"), name=name)
                 ).fit()
     finally:
         ray.shutdown()
         cluster.shutdown()
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank-*.json"))]
+
+
+def warm_mixed(data: str, storage, manifest, args, work: Path, env: dict) -> list[dict]:
+    """2 nodes, global placement: node 0's cache holds half the train shards, fetched in reverse
+    order before (a history of another run), and little memory (it streams); node 1 is fresh, in
+    memory mode. Each sample of the epoch must be read once, exactly the set fresh caches read."""
+    from ..data.node_cache import NodeSplit
+    from ..data.placement import SampleIds, epoch_reads, plan_layout
+
+    shards = manifest.splits["train"].shards
+    share = sum(s.bytes for s in shards)
+
+    def node_env(i, cache):
+        if i:
+            return {}
+        held = [s.path for s in shards[::2]][::-1]   # half of them, in another order
+        NodeSplit(storage, data, manifest, "train", str(cache)).ensure(held)
+        return {"PIPELINE_NODE_MEMORY": str(int(share))}   # its share is over half of it
+
+    rows = one_run(data, storage, manifest, 2, "global", args, work, env, node_env, "warm-mixed")
+    ids = SampleIds(shards)
+    style = rows[0]["style"]
+    layout = plan_layout(shards, "global", ["x", "y"], 0, args.batch_size * 2, style=style)
+    want = sorted(int(g) for r in range(2) for g in epoch_reads(ids, layout, r, 0, 1).gids)
+    got = sorted(g for r in rows for g in r["read_last_epoch"])
+    return [{"case": f"warm+fresh, {style} order", "node": r["node"], "stream": r["stream"],
+             "kept": r["kept"], "downloaded_MB": round(r["bytes_downloaded"] / 1e6, 1),
+             "fetch_s": round(r["fetch_s"], 1), "first_step_s": round(r["first_step_s"], 1),
+             "img_per_s": round(r["images_per_s"], 0), "read": len(got), "expected": len(want),
+             "once": len(got) == len(set(got)), "as_fresh": got == want} for r in rows]
 
 
 def accuracy(data: str, placement: str, seed: int, args, work: Path, env: dict) -> float:
@@ -198,9 +238,14 @@ def run(args) -> int:
                                  "first_step_s": round(r["first_step_s"], 1),
                                  "img_per_s": round(r["images_per_s"], 0),
                                  "bound_ok": r["bytes_downloaded"] <= total / n + biggest})
+        mixed = warm_mixed(data, storage, manifest, args, work, env) if args.warm_mixed else []
         if rows:
             say(_table(rows, ["placement", "nodes", "node", "downloaded_MB", "of_D", "disk_MB",
                               "disk_vs_share", "fetch_s", "first_step_s", "img_per_s", "bound_ok"]))
+        if mixed:
+            say(_table(mixed, ["case", "node", "stream", "kept", "downloaded_MB", "fetch_s",
+                               "first_step_s", "img_per_s", "read", "expected", "once",
+                               "as_fresh"]))
         summary = {}
         for placement in args.placements:
             for n in args.nodes:
@@ -221,7 +266,7 @@ def run(args) -> int:
             say(f"  accuracy, {placement}: val top-1 {acc[placement]} (mean "
                   f"{statistics.mean(acc[placement]):.3f})")
         say(json.dumps({"bench": "data", "dataset_bytes": total, "rows": rows,
-                          "summary": summary, "accuracy": acc}))
+                          "summary": summary, "accuracy": acc, "warm_mixed": mixed}))
         return 0
     finally:
         if server is not None:

@@ -47,6 +47,19 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"   # Ray passes it to its controller
+START_TIMEOUT_S = 30.0
+
+
+def start_timeout() -> float:
+    """Seconds a worker-group start waits for its workers before trying again (with what the
+    cluster then holds). Ray's 60 s made a restart after a node died wait that long for the dead
+    node, which the cluster still counted for the first seconds; a start on an autoscaling
+    cluster just tries more often."""
+    os.environ.setdefault(START_TIMEOUT_ENV, str(START_TIMEOUT_S))
+    return float(os.environ[START_TIMEOUT_ENV])
+
+
 def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir: str,
                  callbacks: list) -> Trainer:
     """The TorchTrainer of one run: scaling (elastic when num_workers is a range), failure
@@ -69,9 +82,10 @@ def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir:
                 # a preempted node (a drained spot node) restarts the group from the checkpoint
                 # its notice made, on its own budget: never charged to max_failures
                 max_preemption_failures=-1,
-                # each worker-group start waits 60 s for resources; bound the retries so a
-                # cluster that can no longer hold the workers ends the run, in words
-                controller_failure_limit=max(1, math.ceil(cfg.resources.resource_wait_minutes))),
+                # each worker-group start waits start_timeout() s for resources; bound the
+                # retries so a cluster that can no longer hold the workers ends the run, in words
+                controller_failure_limit=max(1, math.ceil(
+                    60 * cfg.resources.resource_wait_minutes / start_timeout()))),
             # the best (by val top-1 at an epoch's end; checkpoints inside epochs score -1) and
             # the latest are kept
             checkpoint_config=CheckpointConfig(num_to_keep=1,
