@@ -105,20 +105,37 @@ def test_sweep_tracked_registered_and_served(train_data, ray_cluster, s3, bucket
 
 
 def test_failing_trial_is_errored_and_the_sweep_goes_on(train_data, ray_cluster, tmp_path):
+    """One trial's worker raises an ordinary exception at the same step after every restart:
+    Ray Train restarts it once (--max-failures 1), then the trial is ERROR; one trial is refused
+    (a UserError: a batch larger than the data, never retried); the third finishes and is the
+    best."""
     space = tmp_path / "space.yaml"
-    # 600 images cannot feed a batch of 5000: that trial is refused, the other one goes on
-    space.write_text("batch_size: {grid: [16, 5000]}\n")
+    # 600 images cannot feed a batch of 5000: that trial is refused, the others go on
+    space.write_text("batch_size: {grid: [16, 16, 5000]}\n")
+    marker = tmp_path / "faults"
     args = [a for a in sweep_args(train_data, tmp_path / "runs", "witherror", space, epochs=1,
                                   extra=["--scheduler", "none", "--min-val-top1", 0.01,
+                                         "--max-concurrent", 1, "--max-failures", 1,
                                          "--cache-dir", tmp_path / "cache"])]
     i = args.index("--batch-size")
     del args[i:i + 2]   # batch_size is searched here, so it is not also a flag
-    proc = run_cli(*args, env={"RAY_ADDRESS": ray_cluster.address})
+    # the first trial to reach epoch 0 step 1 fails there twice: once more than its one retry
+    proc = run_cli(*args, env={"RAY_ADDRESS": ray_cluster.address,
+                               "PIPELINE_INJECT_FAULT": f"0:1:{marker}:2"})
     out = last_json(proc.stdout)
     status = sorted(t["status"] for t in out["trials"])
-    assert status == ["ERROR", "TERMINATED"]
+    assert status == ["ERROR", "ERROR", "TERMINATED"], out["trials"]
     assert out["best_config"]["batch_size"] == 16
     assert "warning: batch_size 5000" in proc.stdout
+    assert len(marker.read_text().splitlines()) == 2
+    runs = tmp_path / "runs" / "witherror" / "runs"
+    failed = [runs / t["id"] for t in out["trials"] if t["status"] == "ERROR"
+              and (runs / t["id"] / "events").exists()]
+    assert len(failed) == 1   # the refused trial never started a run
+    events = {kind: list((failed[0] / "events").glob(f"*-{kind}-*.json"))
+              for kind in ("start", "failure")}
+    assert len(events["start"]) == 2 and len(events["failure"]) == 2, events
+    assert "injected fault" in events["failure"][0].read_text()
 
     # a space naming a setting that is also a flag is refused in words
     clash = run_cli(*sweep_args(train_data, tmp_path / "runs", "clash", space), check=False,
@@ -167,9 +184,10 @@ def test_a_sweep_at_chance_fails_and_registers_nothing(train_data, ray_cluster, 
 
 def test_interrupted_sweep_registers_nothing_and_resumes(train_data, ray_cluster, mlflow_server,
                                                          tmp_path):
-    """SIGINT once a first trial has finished: exit 130, no model, no result, MLflow runs KILLED
-    (the finished trial's stays FINISHED); `--resume` finishes the sweep without training the
-    finished trial again, and registers its model."""
+    """SIGTERM once a first trial has finished: exit 143, no model, no result, MLflow runs
+    KILLED (the finished trial's stays FINISHED); `--resume` finishes the sweep without training
+    the finished trial again, and registers its model. (Ctrl-C mid-sweep: test_run.py's
+    test_run_chain_then_rerun_resumes_without_redoing.)"""
     space = tmp_path / "space.yaml"
     space.write_text("lr: {grid: [0.4, 0.3]}\n")
     args = sweep_args(train_data, tmp_path / "runs", "stopped", space, epochs=2,
@@ -182,10 +200,11 @@ def test_interrupted_sweep_registers_nothing_and_resumes(train_data, ray_cluster
     runs = tmp_path / "runs" / "stopped" / "runs"
     wait_for(lambda: list(runs.glob("*/summary.json")), "a finished trial", 400, proc)
     finished = {p.parent.name for p in runs.glob("*/summary.json")}
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, (stdout[-2000:], stderr[-3000:])
-    assert "interrupted (SIGINT)" in stderr and "--resume" in stderr
+    assert proc.returncode == 143, (stdout[-2000:], stderr[-3000:])
+    assert "interrupted (SIGTERM)" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "runs" / "stopped" / "result.json").exists()
     client = mlflow_client(mlflow_server.uri)
     assert "resumed-model" not in [m.name for m in client.search_registered_models()]

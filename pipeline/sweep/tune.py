@@ -34,7 +34,11 @@ def keep_keys_out_of_trials() -> None:
     credentials (the cluster's), so the copy only leaks them: take the keys off Tune's list."""
     from ray.tune.execution import class_cache
 
+    from ..training.trainer import FAULT_ENV
+
     class_cache.ENV_VARS_TO_PROPAGATE -= CREDENTIALS
+    # the tests' fault injection reaches a trial's workers as it reaches a run's (worker_env)
+    class_cache.ENV_VARS_TO_PROPAGATE |= {FAULT_ENV}
 
 
 def epoch_reports_to_tune():
