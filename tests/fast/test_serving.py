@@ -105,6 +105,35 @@ def test_the_pyfunc_answers_a_column_of_encoded_images_with_the_top_5(tmp_path):
         model.predict(None, pd.DataFrame({"img": [bright]}))
 
 
+def test_the_model_code_loads_where_this_package_is_not_installed(tmp_path):
+    """As MLflow loads a model from code: serving.py run as a module of its own, the decoder's
+    copy (code/pipeline_images.py) on the path, and a `pipeline` that refuses to import."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.data import images
+
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copyfile(images.__file__, code / "pipeline_images.py")
+    shadow = tmp_path / "shadow" / "pipeline"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the served model must not need pipeline')\n")
+    script = ("import importlib.util, sys\n"
+              "spec = importlib.util.spec_from_file_location('code_model_x', sys.argv[1])\n"
+              "module = importlib.util.module_from_spec(spec)\n"
+              "spec.loader.exec_module(module)\n"
+              "import mlflow\n"
+              "print(type(mlflow.models.model.__mlflow_model__).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", script, serving.__file__], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": f"{shadow.parent}:{code}"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ServedImageClassifier"
+
+
 def test_the_signature_and_example_say_images_in_classes_out():
     sig = packaging.signature()
     assert [(c.name, str(c.type)) for c in sig.inputs.inputs] == [("image", "DataType.binary")]
