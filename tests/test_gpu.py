@@ -88,6 +88,9 @@ def test_every_precision_trains_and_validates_through_the_gpu_loader(tmp_path, p
     trainer = ImageNetTrainer(cfg, Reads.whole_file(tmp_path / "train.beton", batch_size=16),
                               Reads.whole_file(tmp_path / "val.beton", batch_size=16), classes,
                               rank=0, world=1, device=device, wrap_model=lambda m: m.to(device))
+    from pipeline.training.probe import check_largest_step
+
+    assert check_largest_step(trainer).startswith("batch 16 at 64 px fits")
     stats = trainer.train_loop(0)
     assert np.isfinite(stats["train_loss"])
     assert trainer.val_loop()["val_images"] == 64

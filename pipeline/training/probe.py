@@ -128,7 +128,9 @@ def check_largest_step(trainer) -> str | None:
     itemsize = torch.empty((), dtype=_torch_dtype(trainer.precision.loader_dtype)).element_size()
     reserve = 0
     if trainer.device.type == "cuda":
-        reserve = (loader_device_bytes(r.batch_size, res, itemsize)
+        # the loader's batch is this rank's part of the global batch (more than batch_size
+        # with fewer workers than the run may have; trained in micro-batches of batch_size)
+        reserve = (loader_device_bytes(trainer.train_reads.count, res, itemsize)
                    + loader_device_bytes(r.val_batch_size, r.val_res, itemsize))
         if trainer.model is not trainer.bare_model:   # DDP's gradient buckets
             reserve += sum(p.numel() * p.element_size() for p in trainer.bare_model.parameters())

@@ -103,3 +103,27 @@ def test_loader_device_buffers():
     # five batches ahead, uint8 after ToDevice + fp16 normalised: 512 x 192 px ~ 0.79 GiB
     assert loader_device_bytes(512, 192, 2) == 5 * 512 * 3 * 192 * 192 * 3
     assert loader_device_bytes(256, 256, 4) == 5 * 256 * 3 * 256 * 256 * 5
+
+
+def test_a_run_probes_its_largest_resolution_and_its_batch(monkeypatch):
+    """check_largest_step reads the trainer's recipe: ResNet-50's 512 at 192 px, first reached
+    at epoch 13 of the recipe's 16 (the ramp 160 -> 192 from epoch 11 to 13)."""
+    from types import SimpleNamespace
+
+    from pipeline.config import Recipe
+    from pipeline.training.precision import choose_precision
+    from pipeline.training.probe import check_largest_step
+    from pipeline.training.trainer import resolution_at
+
+    recipe = Recipe()
+    model = OutOfMemory()
+    trainer = SimpleNamespace(
+        recipe=recipe, get_resolution=lambda e: resolution_at(recipe, e),
+        precision=choose_precision("auto", "cpu"), device=CPU, model=model, bare_model=model,
+        loss=nn.CrossEntropyLoss(), optimizer=None, classes=[{}] * 1000,
+        train_reads=SimpleNamespace(count=512))
+    assert check_largest_step(trainer) is None   # CPU: nothing to probe
+    monkeypatch.setenv(OOM_FAULT_ENV, "1")
+    with pytest.raises(UserError, match=r"batch 512 per worker at 192 px does not fit in cpu .* "
+                                        r"\(the run reaches 192 px at epoch 13\)"):
+        check_largest_step(trainer)
