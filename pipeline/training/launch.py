@@ -21,6 +21,7 @@ from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
 from . import checkpoint, identity
 from .cluster import check_capacity, check_data, worker_bundle
 from .failures import FailureRecorder, Trainer, explain_failure
+from .model import init_state_mismatch
 from .run_events import RunEvents
 from .summary import build_summary, finished_summary, write_summary
 from .trainer import FAULT_ENV
@@ -120,6 +121,11 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         return done
     init_state = checkpoint.init_weights(storage, cfg.run.init_from, tracking and tracking.uri) \
         if cfg.run.init_from else None
+    if init_state is not None:   # refused here, before any worker starts (and pays FFCV's build)
+        why = init_state_mismatch(cfg.recipe.arch, len(manifest.classes), cfg.recipe.blurpool,
+                                  init_state)
+        if why:
+            raise UserError(why)
     connect(ray_address)
     pin_cluster_address()
     nodes = check_capacity(cfg, say)
