@@ -350,7 +350,8 @@ def cmd_run(args) -> int:
         raise UserError("--config is required: the pipeline's YAML file (see jobs/configs/)")
     cfg = load_pipeline_config(args.config)
     steps = tuple(args.only or [s for s in STEPS if s not in (args.skip or [])])
-    tracking = _tracking(args)
+    # staging logs nothing to MLflow: `run --only stage` (jobs/stage_imagenet.py) needs no store
+    tracking = _tracking(args) if set(steps) - {"stage"} else None
     landed = run(cfg, steps, storage=_storage(args), ray_address=args.ray_address,
                  tracking=tracking, say=console.say)
     for key in ("dataset", "sweep", "run", "plot", "checkpoint", "model_name", "model_version",

@@ -48,6 +48,9 @@ def tracking_uri(explicit: str | None = None, env=None, cwd: Path | None = None)
     return uri
 
 
+JOB_ID_ENV = "PIPELINE_RAY_JOB_ID"   # the job's id handed on to processes Ray does not tell it
+
+
 def submitted_job_id(env) -> str | None:
     """The submission id of the Ray job whose driver this is: Ray 2.60 hands a job's driver its
     JobConfig (metadata included) in RAY_JOB_CONFIG_JSON_ENV_VAR."""
@@ -183,7 +186,7 @@ def lineage_tags(data_uri: str, manifest_sha256: str, trial_id: str | None = Non
     commit = git_commit()
     if commit:
         tags["pipeline.git_commit"] = commit
-    job = os.environ.get("PIPELINE_RAY_JOB_ID") or submitted_job_id(os.environ)
+    job = os.environ.get(JOB_ID_ENV) or submitted_job_id(os.environ)
     if job:
         tags["pipeline.ray_job_id"] = job
     if trial_id:

@@ -20,7 +20,7 @@ import tempfile
 from ..config import TrainConfig, TuneSettings
 from ..errors import Interrupted, UserError
 from ..storage import Storage, absolute, join
-from ..tracking import Tracking
+from ..tracking import JOB_ID_ENV, Tracking, submitted_job_id
 from .asha import asha_max_t, asha_rungs
 from .search_space import MIN_STEPS, describe, load_search_space, plan_space, to_param_space
 
@@ -38,7 +38,11 @@ def keep_keys_out_of_trials() -> None:
 
     class_cache.ENV_VARS_TO_PROPAGATE -= CREDENTIALS
     # the tests' fault injection reaches a trial's workers as it reaches a run's (worker_env)
-    class_cache.ENV_VARS_TO_PROPAGATE |= {FAULT_ENV}
+    class_cache.ENV_VARS_TO_PROPAGATE |= {FAULT_ENV, JOB_ID_ENV}
+    # Ray tells a job's id to its driver only: the trials' runs get it from here (lineage tag)
+    job = submitted_job_id(os.environ)
+    if job:
+        os.environ.setdefault(JOB_ID_ENV, job)
 
 
 def epoch_reports_to_tune():
