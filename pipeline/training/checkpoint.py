@@ -98,6 +98,42 @@ def load(storage: Storage, uri: str) -> tuple[dict, dict]:
     return read_meta(storage, uri), state
 
 
+def position(meta: dict) -> tuple[int, int]:
+    """Where a checkpoint stands: (epochs done, steps into the next)."""
+    return int(meta.get("epoch", 0)), int((meta.get("cursor") or {}).get("steps", 0))
+
+
+def furthest(storage: Storage, run_dir: str, given: str | None) -> str | None:
+    """The checkpoint folder of this run to resume from: the furthest complete one (its meta
+    and its weights file there) among `given` (the latest Ray recorded) and those on storage.
+    A checkpoint is on storage once its report returned, but Ray records it only when its
+    controller next hears from every worker: a node that dies in between would otherwise cost
+    the steps since the checkpoint before."""
+    folders: dict[str, set[str]] = {}
+    for rel, size in storage.list(run_dir):
+        folder, _, name = rel.rpartition("/")
+        if size and name in (META_FILE, CHECKPOINT_FILE) and "/" not in folder:
+            folders.setdefault(folder, set()).add(name)
+    best, where = None, None
+    for folder, names in folders.items():
+        if names != {META_FILE, CHECKPOINT_FILE}:
+            continue
+        uri = join(run_dir, folder)
+        try:
+            at = position(read_meta(storage, uri))
+        except (UserError, OSError):
+            continue
+        if best is None or at > best:
+            best, where = at, uri
+    if given is not None:
+        try:
+            if best is None or position(read_meta(storage, given)) >= best:
+                return given
+        except (UserError, OSError):
+            pass
+    return where
+
+
 def init_weights(storage: Storage, uri: str, tracking_uri: str | None = None) -> dict:
     """Weights to fine-tune from: a checkpoint folder or checkpoint.pt (local or S3), or a
     registered model (models:/NAME@ALIAS), which carries its weights (tracking.registered_files)."""

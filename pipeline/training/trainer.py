@@ -274,12 +274,10 @@ class ImageNetTrainer:
                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                         epoch=epoch, rng=rng, meta=meta, cursor=cursor, epoch_samples=epoch_samples)
 
-    def load(self, folder: str) -> dict:
-        """Resume from a checkpoint folder; each rank gets back its own RNG state (a run resumed
-        with another world size re-seeds each rank from the seed, the epoch and its rank).
-        Returns {epoch, cursor (or None), epoch_samples}."""
-        path = os.path.join(folder, checkpoint.CHECKPOINT_FILE)
-        state = checkpoint.load_state(Path(path).read_bytes(), path)
+    def load(self, state: dict) -> dict:
+        """Resume from a checkpoint's state (checkpoint.load); each rank gets back its own RNG
+        state (a run resumed with another world size re-seeds each rank from the seed, the
+        epoch and its rank). Returns {epoch, cursor (or None), epoch_samples}."""
         self.bare_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -8,11 +8,9 @@ preemption notice needs; each epoch ends with validation and one report.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from ..config import TrainConfig
 from ..data.placement import Cursor, Segment, digest_hex, read_before
 from . import checkpoint
+from .summary import checkpoint_uri
 from .trainer import ImageNetTrainer, epoch_line, gather
 
 def _quiet_ray_train_logs() -> None:
@@ -102,10 +101,18 @@ def train_worker(config: dict) -> None:
     resumed = None
     ckpt = ray.train.get_checkpoint()
     final_metrics = None
-    if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            resumed = trainer.load(folder)
-            final_metrics = json.loads(Path(folder, checkpoint.META_FILE).read_text()).get("metrics")
+    # rank 0 picks the furthest complete checkpoint (Ray's latest, or one on storage Ray had
+    # not recorded yet when a node died); every rank loads that one
+    given = checkpoint_uri(ckpt.path, config["run_dir"]) if ckpt is not None else None
+    chosen = gather(checkpoint.furthest(storage, config["run_dir"], given) if rank == 0 else None,
+                    world)[0]
+    if chosen is not None:
+        meta, state = checkpoint.load(storage, chosen)
+        resumed = trainer.load(state)
+        final_metrics = meta.get("metrics")
+        if rank == 0 and chosen != given:
+            say(f"[{label}] resuming from {chosen}, written after the latest checkpoint Ray "
+                f"had recorded ({given})")
     elif config.get("init_state") is not None:
         note = trainer.init_weights(config["init_state"])
         if rank == 0:

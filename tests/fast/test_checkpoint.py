@@ -66,3 +66,32 @@ def test_best_checkpoint_is_the_highest_score_whatever_the_order():
     assert best_checkpoint(kept).path == "b"
     assert best_checkpoint(list(reversed(kept))).path == "b"
     assert best_checkpoint([(a, {})]) is None
+
+
+def test_a_run_resumes_from_its_furthest_complete_checkpoint(tmp_path):
+    """Ray records a checkpoint only when its controller next hears from every worker: one on
+    storage that it has not recorded yet (a node died just after it) is further along."""
+    import json
+
+    from pipeline.storage import Storage
+    from pipeline.training.checkpoint import CHECKPOINT_FILE, META_FILE, furthest
+
+    def folder(name, epoch, steps=None, weights=True):
+        d = tmp_path / name
+        d.mkdir()
+        meta = {"epoch": epoch, **({"cursor": {"epoch": epoch, "steps": steps}} if steps else {})}
+        (d / META_FILE).write_text(json.dumps(meta))
+        if weights:
+            (d / CHECKPOINT_FILE).write_bytes(b"weights")
+        return str(d)
+
+    ray_latest = folder("epoch-0001-aaaaaa", 1)
+    later = folder("step-0002-000006-bbbbbb", 1, 6)
+    folder("step-0002-000009-cccccc", 1, 9, weights=False)   # its upload never finished
+    folder("step-0001-000003-dddddd", 0, 3)
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "x.json").write_text("{}")
+    assert furthest(Storage(), str(tmp_path), ray_latest) == later
+    assert furthest(Storage(), str(tmp_path), later) == later
+    assert furthest(Storage(), str(tmp_path), None) == later   # Ray recorded none yet
+    assert furthest(Storage(), str(tmp_path / "events"), None) is None
