@@ -78,7 +78,11 @@ def resolution_at(r: Recipe, epoch: int) -> int:
 
 class ImageNetTrainer:
     def __init__(self, cfg: TrainConfig, train: Reads, val: Reads, classes: list[dict],
-                 rank: int, world: int, device: torch.device, wrap_model=None):
+                 rank: int, world: int, device: torch.device, wrap_model=None,
+                 first: tuple[int, EpochReads] | None = None):
+        """`first` (epoch, reads): the loader starts reading them at once, so FFCV compiles its
+        pipeline (seconds, in every new worker) while the model is built and the checkpoint
+        loaded, not after."""
         self.cfg, self.recipe, self.classes = cfg, cfg.recipe, classes
         self.wrap_model = wrap_model
         self.lineage: dict = {}   # manifest sha256, MLflow run, trial: copied into checkpoints
@@ -91,6 +95,11 @@ class ImageNetTrainer:
         # autocast, loader dtype and scaler decided together (a UserError for bf16 without it)
         self.precision = device_precision(self.recipe.precision, device)
         self.train_loader = self.create_train_loader(train)
+        self.started = None
+        if first is not None:
+            epoch, reads = first
+            self.started = (epoch, reads, iter(self.train_loader.epoch(
+                epoch, self.get_resolution(epoch), train.local[reads.gids])))
         self.val_loader = self.create_val_loader(val)
         # FFCV sets torch's thread count when it builds a Loader; set ours afterwards.
         torch.set_num_threads(cfg.resources.cpus_per_worker)
@@ -193,7 +202,11 @@ class ImageNetTrainer:
         lrs = np.interp(fraction + epoch, [epoch, epoch + 1],
                         [self.get_lr(epoch), self.get_lr(epoch + 1)])
         loss_sum = torch.zeros((), device=self.device)
-        batches = iter(self.train_loader.epoch(epoch, res, self.train_reads.local[reads.gids]))
+        if self.started is not None and self.started[0] == epoch and self.started[1] is reads:
+            batches = self.started[2]   # started in __init__
+        else:
+            batches = iter(self.train_loader.epoch(epoch, res, self.train_reads.local[reads.gids]))
+        self.started = None
         start = tick = time.perf_counter()
         waiting = 0.0
         self.steps_done = 0

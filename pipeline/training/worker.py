@@ -8,6 +8,7 @@ preemption notice needs; each epoch ends with validation and one report.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import uuid
@@ -85,8 +86,25 @@ def train_worker(config: dict) -> None:
                        share_bytes=sum(sizes[p].bytes for p in group.shards),
                        node_samples=sum(sizes[p].samples for p in group.shards), **stats)
 
+    # Where to resume, before the trainer is built: its loader can then start on the first
+    # epoch's samples while the model is built (rank 0 picks the furthest complete checkpoint:
+    # Ray's latest, or one on storage Ray had not recorded yet when a node died)
+    ckpt = ray.train.get_checkpoint()
+    given = checkpoint_uri(ckpt.path, config["run_dir"]) if ckpt is not None else None
+    chosen = gather(checkpoint.furthest(storage, config["run_dir"], given) if rank == 0 else None,
+                    world)[0]
+    meta, state = checkpoint.load(storage, chosen) if chosen is not None else ({}, None)
+    final_metrics = meta.get("metrics")
+    start_epoch = int(state["epoch"]) if state else 0
+    cursor = Cursor.from_dict(json.loads(state["cursor"])) if state and state.get("cursor") else None
+    if cursor is not None:
+        start_epoch = cursor.epoch
+    first = epoch_plan(reads["train"], cfg, start_epoch, cursor) \
+        if start_epoch < cfg.recipe.epochs else None
+
     classes = [c.model_dump() for c in manifest.classes]
-    trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device)
+    trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device,
+                              first=(start_epoch, first[2]) if first else None)
     trainer.lineage = config.get("lineage", {})
     if rank == 0:
         say(f"[{label}] precision: {trainer.precision.description}")
@@ -98,30 +116,14 @@ def train_worker(config: dict) -> None:
         t = config["tracking"]
         mlflow = RunLog(t["uri"], t["run_id"], storage, t["outbox"], say=say)
 
-    resumed = None
-    ckpt = ray.train.get_checkpoint()
-    final_metrics = None
-    # rank 0 picks the furthest complete checkpoint (Ray's latest, or one on storage Ray had
-    # not recorded yet when a node died); every rank loads that one
-    given = checkpoint_uri(ckpt.path, config["run_dir"]) if ckpt is not None else None
-    chosen = gather(checkpoint.furthest(storage, config["run_dir"], given) if rank == 0 else None,
-                    world)[0]
-    if chosen is not None:
-        meta, state = checkpoint.load(storage, chosen)
-        resumed = trainer.load(state)
-        final_metrics = meta.get("metrics")
-        if rank == 0 and chosen != given:
-            say(f"[{label}] resuming from {chosen}, written after the latest checkpoint Ray "
-                f"had recorded ({given})")
-    elif config.get("init_state") is not None:
+    resumed = trainer.load(state) if state is not None else None
+    if resumed is not None and rank == 0 and chosen != given:
+        say(f"[{label}] resuming from {chosen}, written after the latest checkpoint Ray had "
+            f"recorded ({given})")
+    if resumed is None and config.get("init_state") is not None:
         note = trainer.init_weights(config["init_state"])
         if rank == 0:
             say(f"[{label}] init from {cfg.run.init_from}: {note}")
-    start_epoch = resumed["epoch"] if resumed else 0
-    cursor = None
-    if resumed and resumed["cursor"]:
-        cursor = Cursor.from_dict(resumed["cursor"])
-        start_epoch = cursor.epoch
     epoch_samples = resumed["epoch_samples"] if resumed else []
     counts = reads["train"].layout.place(rank)
     if rank == 0:
@@ -166,26 +168,19 @@ def train_worker(config: dict) -> None:
             events.add("checkpoint", epoch=at[0], step=at[1], seconds=round(seconds, 2))
         return seconds
 
-    first = {"pending": True}
+    pending = {"first_step": True}
     for epoch in range(start_epoch, epochs):
-        ids = reads["train"].ids
-        if cursor is None or cursor.epoch != epoch:
-            cursor = Cursor(epoch, cfg.recipe.seed, trainer.global_batch)
-        done = read_before(ids, cursor) if cursor.segments else None
-        segment = Segment(reads["train"].layout)
-        cursor.segments.append(segment)
-        steps_before = cursor.steps
-        left = max(0, cfg.loader.max_steps_per_epoch - steps_before) \
-            if cfg.loader.max_steps_per_epoch else 0
-        plan_reads = reads["train"].epoch(epoch, cfg.recipe.seed, done, left)
+        cursor, segment, plan_reads = first if epoch == start_epoch else \
+            epoch_plan(reads["train"], cfg, epoch, None)
+        steps_before = cursor.steps - segment.steps
         epoch_steps = steps_before + plan_reads.steps
         base = (cursor.samples, cursor.digest)
         control.start_epoch(epoch_steps)
         epoch_began = time.monotonic()
 
         def after_step(step: int, step_s: float, wait_s: float, loss) -> None:
-            if first["pending"]:
-                first["pending"] = False
+            if pending["first_step"]:
+                pending["first_step"] = False
                 first_step_done(events, rank, local_rank, node, label, started, every_fetch, say)
             segment.steps = step + 1 - steps_before
             action = control.after_step(epoch, step, epoch_steps, step_s, wait_s, loss,
@@ -233,6 +228,20 @@ def train_worker(config: dict) -> None:
             save_and_report(metrics, epoch + 1, None, f"epoch-{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+
+
+def epoch_plan(reads, cfg: TrainConfig, epoch: int, cursor: Cursor | None):
+    """(cursor, its new segment, this rank's reads) for `epoch`: the whole epoch, or with a
+    cursor from a checkpoint inside it, the rest of its order under today's layout."""
+    if cursor is None or cursor.epoch != epoch:
+        cursor = Cursor(epoch, cfg.recipe.seed, cfg.global_batch)
+    done = read_before(reads.ids, cursor) if cursor.segments else None
+    steps_before = cursor.steps
+    segment = Segment(reads.layout)
+    cursor.segments.append(segment)
+    cap = cfg.loader.max_steps_per_epoch
+    left = max(0, cap - steps_before) if cap else 0
+    return cursor, segment, reads.epoch(epoch, cfg.recipe.seed, done, left)
 
 
 def any_true(flag: bool, world: int, device: torch.device) -> bool:
