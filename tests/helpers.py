@@ -127,6 +127,32 @@ def grey16_png(value: int = 32896, size=(40, 60)) -> bytes:
     return buf.getvalue()
 
 
+def train_workers(address: str) -> list[int]:
+    """The pids of the live Ray Train workers of the cluster at `address` (its State API, not a
+    scan of every process: another suite's cluster on this machine has workers too)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, limit=10_000, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def actor_ids(address: str, class_name: str) -> set[str]:
+    """Every actor of this class the cluster at `address` has had, alive or dead."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(address=address, limit=10_000,
+                                            filters=[("class_name", "=", class_name)])}
+
+
+def pending_placement_groups(address: str) -> set[str]:
+    """Placement groups of the cluster at `address` still waiting for room."""
+    from ray.util.state import list_placement_groups
+
+    return {p.placement_group_id for p in list_placement_groups(
+        address=address, limit=10_000, filters=[("state", "=", "PENDING")])}
+
+
 class Running:
     """A `pipeline` command running in the background, its output lines collected as they come
     (stdout and stderr together), so a test can wait for a line before it changes the cluster."""

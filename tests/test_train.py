@@ -7,12 +7,15 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import add_trainer_node, start_cluster
-from helpers import PIPELINE, last_json, mlflow_client, run_cli, wait_for
+from helpers import (PIPELINE, Running, actor_ids, last_json, mlflow_client,
+                     pending_placement_groups, run_cli, train_workers, wait_for)
+
+from pipeline.training.run_events import recoveries
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -91,23 +94,21 @@ def test_worker_exception_restarts_from_last_checkpoint(train_data, ray_cluster,
     print("recoveries:", json.dumps(out["recoveries"]), "node data:", json.dumps(data))
 
 
-def _train_workers() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
-
-
 def test_worker_then_driver_killed_and_rerun_with_same_name_resumes(train_data, ray_cluster,
                                                                     tmp_path):
     """A worker is kill -9ed mid-epoch (Ray Train restarts the group from the checkpoint), then
-    the driver itself is killed: the same command with the same name resumes the run."""
+    the driver itself is killed: the same command with the same name resumes the run. Then the
+    finished run is trained again from scratch with --restart, starting from its own weights
+    (--init-from): the two flags as users give them, on a finished run's checkpoint."""
     args = [PIPELINE, *map(str, train_args(train_data, tmp_path, "driver", epochs=4))]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     run_dir = tmp_path / "runs" / "driver"
     wait_for_checkpoint(run_dir, 1, proc)
-    wait_for(lambda: len(_train_workers()) == 2, "two training workers", 60, proc)
-    os.kill(_train_workers()[0], signal.SIGKILL)
+    # this cluster's workers (its State API): another suite's on this machine are not ours
+    wait_for(lambda: len(train_workers(ray_cluster.address)) == 2, "two training workers", 60, proc)
+    os.kill(train_workers(ray_cluster.address)[0], signal.SIGKILL)
 
     def training_again() -> bool:
         failures = events(run_dir, "failure")
@@ -119,11 +120,22 @@ def test_worker_then_driver_killed_and_rerun_with_same_name_resumes(train_data, 
     proc.wait()
     out = last_json(run_cli(*args[1:], env={"RAY_ADDRESS": ray_cluster.address}).stdout)
     assert out["epochs_completed"] == 4
-    assert out["resumed_from_epoch"] >= 1 and out["restarts"] >= 2
+    # where each start resumed from (the summary keeps only the last one's): the first from
+    # nothing, the worker group Ray Train restarted after the kill from a checkpoint (not epoch
+    # 0), and the rerun of the killed driver from one too
+    killed = events(run_dir, "failure")[0]["time"]
+    rerun = events(run_dir, "driver_start")[1]["time"]
+    starts = [(e["time"], e["resumed_from_epoch"]) for e in events(run_dir, "start")]
+    assert starts[0][1] is None, starts
+    after_kill = [epoch for t, epoch in starts if killed < t < rerun]
+    after_rerun = [epoch for t, epoch in starts if t > rerun]
+    assert after_kill and all(epoch is not None and epoch >= 1 for epoch in after_kill), starts
+    assert after_rerun and all(epoch is not None and epoch >= 1 for epoch in after_rerun), starts
+    assert out["restarts"] >= 2
     causes = [r["cause"] for r in out["recoveries"]]
     assert causes[0] == "worker failure" and "driver restarted" in causes
     assert all(r["seconds"] > 0 for r in out["recoveries"])
-    print("recoveries:", json.dumps(out["recoveries"]))
+    print("recoveries:", json.dumps(out["recoveries"]), "starts:", starts)
     again = run_cli(*args[1:], env={"RAY_ADDRESS": ray_cluster.address})
     assert "finished earlier" in again.stdout   # reported, not run (or counted) once more
     assert last_json(again.stdout) == out
@@ -138,6 +150,46 @@ def test_worker_then_driver_killed_and_rerun_with_same_name_resumes(train_data, 
     shutil.copytree(train_data, copy)
     other = _train_error(*map(str, train_args(str(copy), tmp_path, "driver", epochs=4)[1:]), env=env)
     assert "data" in other and "copy-of-data" in other
+
+    # --restart: the finished run is discarded and trained from epoch 0 again; --init-from: from
+    # the finished run's weights (copied out first: --restart empties the run's folder). One
+    # step at an lr of 1e-6 leaves the weights where they started, so they show where that was.
+    weights = tmp_path / "weights"
+    shutil.copytree(out["checkpoint"], weights)
+    restarted = run_cli(*train_args(train_data, tmp_path, "driver", epochs=1, workers="1",
+                                    extra=["--restart", "--init-from", weights, "--lr", 1e-6,
+                                           "--max-steps-per-epoch", 1]), env=env)
+    assert "finished earlier" not in restarted.stdout
+    assert f"init from {weights}" in restarted.stdout
+    fresh = last_json(restarted.stdout)
+    assert fresh["epochs_completed"] == 1 and fresh["restarts"] == 0
+    assert [e["resumed_from_epoch"] for e in events(run_dir, "start")] == [None]   # from epoch 0
+    assert len(events(run_dir, "driver_start")) == 1   # the old run's events went with it
+    meta = json.loads((Path(fresh["checkpoint"]) / "meta.json").read_text())
+    assert meta["config"]["run"]["init_from"] == str(weights)
+    import torch
+
+    from pipeline.training.model import build_model
+
+    source, tuned = _weights(weights), _weights(fresh["checkpoint"])
+    torch.manual_seed(0)   # what the run would have started from without --init-from
+    scratch = build_model("resnet18", 4, True).state_dict()
+    assert _distance(source, tuned) < 1e-4 < _distance(scratch, tuned), (
+        _distance(source, tuned), _distance(scratch, tuned))
+
+
+def _weights(folder) -> dict:
+    import torch
+
+    state = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return state["model"]
+
+
+def _distance(a: dict, b: dict) -> float:
+    """The largest difference between two models' learned weights (not BatchNorm's running
+    statistics, which one training step moves by 10 %)."""
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a
+               if a[k].is_floating_point() and "running_" not in k)
 
 
 def test_sigterm_stops_the_run_in_words_and_the_same_command_resumes(train_data, ray_cluster,
@@ -159,62 +211,101 @@ def test_sigterm_stops_the_run_in_words_and_the_same_command_resumes(train_data,
     assert out["epochs_completed"] == 3 and out["resumed_from_epoch"] in (1, 2), out
 
 
-def train_while(cluster, args, run_dir: Path, change, until=None) -> dict | None:
-    """Train on `cluster` in a subprocess; once epoch 1 is checkpointed, `change(cluster)`.
-    Without `until`, wait for the run to end and return its JSON summary; with it, wait for
-    until() and stop the run with Ctrl-C, which must end it at once, saying how to resume.
-    The cluster is changed from this (main) thread: Ray's cluster utilities hang when driven
-    from a side thread."""
-    env = dict(os.environ, RAY_ADDRESS=cluster.address)
-    proc = subprocess.Popen([PIPELINE, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines: list[str] = []
-    errors: list[str] = []
-    readers = [threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True),
-               threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
-    try:
-        wait_for_checkpoint(run_dir, 1, proc)
-        change(cluster)
-        if until is not None:
-            wait_for(until, "the event the test waits for", 400, proc)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=120) == 130
-            for reader in readers:
-                reader.join(timeout=10)
-            said = [line for line in errors if line.startswith("interrupted")]
-            assert said == ["interrupted (SIGINT): re-run with the same --name to resume from "
-                            "its last checkpoint\n"], errors[-20:]
-            return None
-        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for reader in readers:
-        reader.join(timeout=10)
-    return last_json("".join(lines))
+class Training(Running):
+    """`pipeline train` on `cluster` in the background (helpers.Running), killed when the test
+    ends. The test changes the cluster from this (main) thread: Ray's cluster utilities hang when
+    driven from a side thread."""
+
+    def __init__(self, cluster, args, env: dict | None = None):
+        super().__init__(*args, env={"RAY_ADDRESS": cluster.address, **(env or {})})
+
+    def wait_for(self, check, what: str, timeout: float = 400):
+        return wait_for(check, what, timeout, self.proc)
+
+    def interrupt(self) -> None:
+        """Ctrl-C, which must end the run at once, saying how to resume."""
+        self.proc.send_signal(signal.SIGINT)
+        code, said = self.finish(timeout=120)
+        assert code == 130, said[-3000:]
+        assert [line for line in self.lines if line.startswith("interrupted")] == [
+            "interrupted (SIGINT): re-run with the same --name to resume from its last "
+            "checkpoint\n"], self.lines[-20:]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
-def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp_path):
-    """Rank 0's node may be the one removed: the run resumes from its checkpoint on the new node,
-    the node that stayed keeps its shards, and the replacement fetches only its share."""
-    def replace_a_node(cluster):
-        cluster.remove_node(list(cluster.worker_nodes)[0], allow_graceful=False)
-        add_trainer_node(cluster)
+# Each time Ray Train starts the worker group it waits this long for room (Ray's own variable,
+# which the run reads to set how many tries --resource-wait-minutes allows): the node test's
+# waits take seconds.
+START_TRY_SECONDS = 10
+WAIT_MINUTES = 0.5
 
+
+def test_node_removed_waited_for_replaced_then_lost_for_good(train_data, s3, node_caches,
+                                                             tmp_path):
+    """Rank 0's node may be the one removed. The run waits for room (a first try to start the
+    workers times out and is tried again) and resumes from its checkpoint on the replacement
+    when one joins: the node that stayed keeps its shards, the new one fetches only its share.
+    Then a node goes for good: once the tries --resource-wait-minutes allows are spent, the run
+    ends, exit 2, in one line."""
+    run_dir = tmp_path / "runs" / "node"
+    args = train_args(train_data, tmp_path, "node", epochs=50, cache=False,
+                      extra=["--placement", "node", "--resource-wait-minutes", WAIT_MINUTES])
     cluster = start_cluster(2, s3.env(), node_caches)
     try:
-        out = train_while(cluster, train_args(train_data, tmp_path, "node", epochs=4, cache=False,
-                                              extra=["--placement", "node"]),
-                          tmp_path / "runs" / "node", replace_a_node)
+        with Training(cluster, args, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+                                          str(START_TRY_SECONDS)}) as run:
+            run.wait_for(lambda: _registered(run_dir, 1), "the checkpoint of epoch 1")
+            cluster.remove_node(list(cluster.worker_nodes)[0], allow_graceful=False)
+            removed = time.time()
+            waiting: set[str] = set()
+
+            def tried_again() -> bool:   # a second placement group: the first one timed out
+                waiting.update(pending_placement_groups(cluster.address))
+                return len(waiting) >= 2
+
+            run.wait_for(tried_again, "a second try to place the workers", 300)
+            add_trainer_node(cluster)
+
+            def restarted() -> dict | None:
+                later = [e for e in events(run_dir, "start") if e["time"] > removed]
+                steps = events(run_dir, "first_step")
+                if later and any(e["time"] > later[0]["time"] for e in steps):
+                    return later[0]
+                return None
+
+            restart = run.wait_for(restarted, "training again on the new node", 300)
+            run.wait_for(lambda: _registered(run_dir, restart["resumed_from_epoch"] + 1),
+                         "an epoch trained after the restart", 300)
+            cluster.remove_node(list(cluster.worker_nodes)[0], allow_graceful=False)
+            lost = time.monotonic()
+            code, said = run.finish(timeout=300)
+            gave_up_after = time.monotonic() - lost
+            assert code == 2, said[-3000:]
     finally:
         cluster.shutdown()
-    assert out["epochs_completed"] == 4 and out["restarts"] >= 1
-    assert out["resumed_from_epoch"] >= 1
-    assert out["recoveries"][0]["seconds"] > 0
-    records = events(tmp_path / "runs" / "node", "node_data")
+    assert [line for line in run.lines if line.startswith("error:")] == [
+        "error: could not place 2 training workers for 0.5 minutes (the cluster lost nodes, or "
+        "never had room); add nodes or lower --num-workers\n"], run.lines[-20:]
+    assert "Traceback" not in said
+    # it waited, at least one whole try, and gave up once the bound was spent (at most one try
+    # over it; seconds for the loss to be seen and the run to end)
+    assert START_TRY_SECONDS <= gave_up_after <= 60 * WAIT_MINUTES + START_TRY_SECONDS + 45
+    starts = events(run_dir, "start")
+    assert starts[0]["resumed_from_epoch"] is None and restart["resumed_from_epoch"] >= 1
+    assert restart["world_size"] == 2 and len(starts) == 2   # nothing started after the loss
+    history = sorted((json.loads(p.read_text()) for p in (run_dir / "events").glob("*.json")),
+                     key=lambda e: e["time"])
+    recovery = recoveries(history)[0]
+    assert recovery["cause"] == "worker failure"
+    assert recovery["seconds"] > START_TRY_SECONDS   # the replacement came after a try timed out
+    records = events(run_dir, "node_data")
     first = {r["node"] for r in records[:4]}
     assert len(first) == 2
     for split in ("train", "val"):
@@ -235,12 +326,14 @@ def test_node_removed_and_replaced_mid_training(train_data, s3, node_caches, tmp
         arrived = {}
         for r in new:   # what each new node fetched when it joined
             arrived.setdefault(r["node"], r)
-        assert all(r["bytes_downloaded"] == r["share_bytes"] <= bound for r in arrived.values()), new
+        assert all(r["bytes_downloaded"] == r["share_bytes"] <= bound
+                   for r in arrived.values()), new
         final = {r["node"]: r for r in later}   # each node's last record
         assert sum(r["shards"] for r in final.values()) == total
         if split == "train":
             assert all(r["bytes_downloaded"] > 0 for r in arrived.values())
-    print("recoveries:", json.dumps(out["recoveries"]))
+    print("recoveries:", json.dumps(recoveries(history)), "gave up after",
+          round(gave_up_after), "s")
 
 
 def test_elastic_training_grows_when_a_node_joins(train_data, s3, node_caches, tmp_path):
@@ -259,7 +352,11 @@ def test_elastic_training_grows_when_a_node_joins(train_data, s3, node_caches, t
     try:
         args = train_args(train_data, tmp_path, "elastic", epochs=50, workers="1-2", cache=False,
                           extra=["--elastic-resize-seconds", 3, "--placement", "node"])
-        train_while(cluster, args, run_dir, add_trainer_node, until=grown)
+        with Training(cluster, args) as run:
+            run.wait_for(lambda: _registered(run_dir, 1), "the checkpoint of epoch 1")
+            add_trainer_node(cluster)
+            run.wait_for(grown, "the restart at world size 2 and its first step")
+            run.interrupt()
     finally:
         cluster.shutdown()
     sizes = [e["world_size"] for e in events(run_dir, "start")]
@@ -273,11 +370,6 @@ def test_elastic_training_grows_when_a_node_joins(train_data, s3, node_caches, t
             assert r["shards_fetched"] == 0 and r["shards"] < records[0]["shards"]
         else:
             assert 0 < r["bytes_downloaded"] <= share_bound(train_data, "train", 2)
-
-
-def _train_workers() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
 
 
 def _train_error(*args, env=None):
@@ -319,15 +411,47 @@ def test_clear_errors(train_data, ray_cluster, tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "corrupt", extra=[
         "--max-failures", -1, "--tracking-uri", tracking, "--experiment", "refused"])[1:]), env=env)
+    assert msg.startswith(f"error: {shard}: ")   # the line names the shard
     assert "does not match the manifest" in msg and "re-run `pipeline stage`" in msg
     assert len(events(tmp_path / "runs" / "corrupt", "failure")) == 1   # not retried
     client = mlflow_client(tracking)   # the refused run is not left RUNNING
     runs = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
 
-    (corrupt / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
-    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "gone")[1:]), env=env)
-    assert "is missing" in msg and "val/shard-00000.beton" in msg
+    # A missing shard is found before anything starts, even with unlimited restarts: no run
+    # folder, no MLflow run, no Train controller or worker in the cluster.
+    missing = corrupt / manifest["splits"]["val"]["shards"][0]["path"]
+    missing.unlink()
+
+    def train_actors():
+        return {cls: actor_ids(ray_cluster.address, cls)
+                for cls in ("TrainController", "RayTrainWorker")}
+
+    before = train_actors()
+    msg = _train_error(*map(str, train_args(str(corrupt), tmp_path, "gone", extra=[
+        "--max-failures", -1, "--tracking-uri", tracking, "--experiment", "gone"])[1:]), env=env)
+    assert f"{missing} is missing" in msg and "re-run `pipeline stage`" in msg
+    assert not (tmp_path / "runs" / "gone").exists()
+    gone = client.get_experiment_by_name("gone")
+    assert gone is None or not client.search_runs([gone.experiment_id])
+    assert train_actors() == before
+
+
+def test_running_out_of_max_failures_ends_the_run_in_words(train_data, ray_cluster, tmp_path):
+    """A worker that fails at the same step every time (twice here) with --max-failures 1: Ray
+    Train restarts the group once, then the run ends with exit 2 and one line naming the bound
+    and the failure, not a traceback."""
+    marker = tmp_path / "faults"
+    args = train_args(train_data, tmp_path, "spent", epochs=2, workers="1",
+                      extra=["--max-failures", 1])
+    msg = _train_error(*map(str, args[1:]), env={"RAY_ADDRESS": ray_cluster.address,
+                                                  "PIPELINE_INJECT_FAULT": f"0:1:{marker}:2"})
+    assert "failed 2 times, more than --max-failures 1 allows" in msg, msg
+    assert "RuntimeError: injected fault 2 of 2 at epoch 0 step 1" in msg, msg
+    assert "--name spent" in msg
+    run_dir = tmp_path / "runs" / "spent"
+    assert len(marker.read_text().splitlines()) == 2
+    assert len(events(run_dir, "failure")) == 2 and len(events(run_dir, "start")) == 2
 
 
 def test_mlflow_outage_mid_training_costs_no_restart(train_data, ray_cluster, tmp_path):

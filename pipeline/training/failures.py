@@ -30,6 +30,15 @@ def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
 
     if isinstance(exc, WorkerGroupError) and user_error_in(exc) is not None:
         return user_error_in(exc)
+    if isinstance(exc, WorkerGroupError):
+        # retried until the failure policy gave up: max_failures restarts were spent
+        n = cfg.run.max_failures
+        last = "; ".join(f"rank {r}: {type(getattr(e, 'cause', e)).__name__}: "
+                         f"{(str(getattr(e, 'cause', e)).splitlines() or [''])[0][:200]}"
+                         for r, e in sorted(exc.worker_failures.items()))
+        return UserError(f"the training workers failed {n + 1} times, more than --max-failures "
+                         f"{n} allows; the last failure: {last[:400]}; fix its cause, then re-run "
+                         f"with --name {cfg.run.name} to resume from the last checkpoint")
     if isinstance(exc, ControllerError):
         name = type(exc.controller_failure).__name__
         if "StartupTimeout" in name or "StartupFailed" in name:
