@@ -6,13 +6,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import last_json, mlflow_client, run_cli, upload_tree
+from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree, wait_for
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -40,28 +41,67 @@ NOISE = ("core_worker", "raylet", "Trial status", "KeyError", "Traceback", "Pree
          "placement group", "(RayTrainWorker pid=")
 
 
+def _registered(run_dir: Path, epoch: int) -> bool:
+    try:
+        return f'"epoch-{epoch:04d}-' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return False
+
+
+def _starts(run_dir: Path, kind: str = "start") -> list[dict]:
+    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
+    return sorted(found, key=lambda e: e["time"])
+
+
 def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, tmp_path):
+    """`run` is stopped with Ctrl-C mid-sweep, once a trial has checkpointed its first epoch: it
+    registers nothing; the same command resumes the sweep (the trial goes on from its
+    checkpoint) and registers the best; run again, it redoes nothing."""
     source = tmp_path / "src"
     shutil.copytree(Path(train_data).parent / "src", source)
     config = write_config(tmp_path / "tiny.yaml", str(source), tmp_path, tune=True, model="run-model")
     env = {"RAY_ADDRESS": ray_cluster.address}
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    runs = tmp_path / "runs" / "sweep" / "runs"
+    proc = subprocess.Popen([PIPELINE, "run", "--config", str(config), "--json"],
+                            env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: [t for t in runs.glob("*") if _registered(t, 1)],
+                 "a trial's checkpoint of epoch 1", 400, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted (SIGINT)" in stderr, stderr[-3000:]
+    assert not (tmp_path / "runs" / "sweep" / "result.json").exists()
+    assert not client.search_model_versions("name = 'run-model'")
+    # trials stopped after a checkpoint, before their end (nothing is written once it exited)
+    stopped = [t for t in runs.iterdir() if _registered(t, 1) and not (t / "summary.json").exists()]
+    assert stopped, "every trial had finished: the interrupt came too late to test a resume"
+
     first = run_cli("run", "--config", config, "--json", env=env)
     out = last_json(first.stdout)
     assert out["dataset"] == str(tmp_path / "staged") and out["model_version"] == "1"
     assert out["alias"] == "champion" and out["val_top1"] > 0.5
     assert "[run] plot:" in first.stdout and "[run] checkpoint:" in first.stdout
+    assert len(out["trials"]) == 2 and all(t["epochs_completed"] == 2 for t in out["trials"])
+    for trial in stopped:   # the sweep was resumed, and each stopped trial from its checkpoint
+        assert len(_starts(trial, "driver_start")) == 2
+        assert (_starts(trial)[-1]["resumed_from_epoch"] or 0) >= 1, _starts(trial)
     # a quiet terminal: our lines, Ray's and Tune's own output in the log file
     assert not [w for w in NOISE if w in first.stdout + first.stderr], first.stdout + first.stderr
     assert len((first.stdout + first.stderr).splitlines()) < 40
     assert "Trial status" in Path(re.search(r"output goes to (\S+\.log)", first.stdout)[1]).read_text()
 
+    started = {t: len(_starts(t, "driver_start")) for t in runs.iterdir()}
     again = run_cli("run", "--config", config, "--json", env=env)
     assert "[stage] skipped" in again.stdout
     assert "already registered as run-model version 1" in again.stdout
-    runs = tmp_path / "runs" / "sweep" / "runs"
-    for trial in runs.iterdir():   # finished trials were not trained again
-        assert len(list((trial / "events").glob("*-driver_start-*"))) == 1
-    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    # finished trials were not trained again
+    assert {t: len(_starts(t, "driver_start")) for t in runs.iterdir()} == started
     assert len(client.search_model_versions("name = 'run-model'")) == 1
 
     only = last_json(run_cli("run", "--config", config, "--only", "register", "--json", env=env).stdout)
@@ -123,14 +163,21 @@ def test_secrets_never_leave_the_environment(train_data, ray_cluster, ray_head, 
     out = last_json(run_cli("run", "--config", config, "--json", env=env).stdout)
     assert out["alias"] == "champion"
 
-    job = run_cli("submit", "--address", ray_head.address, "--", "stage", "--source",
-                  f"s3://{bucket}/imagenet", "--dest", f"s3://{bucket}/job-staged",
-                  "--max-resolution", 32, "--shard-size", 400,
+    # the job registers the run's checkpoint (read from S3 with the head's own keys): its model
+    # version and MLflow run carry the Ray job's id as their lineage
+    job = run_cli("submit", "--address", ray_head.address, "--", "register", "--checkpoint",
+                  out["checkpoint"], "--model", "scanned-by-job",
                   env={**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri,
                        "PIPELINE_LOG_DIR": str(logs)}, timeout=900)
     assert "SUCCEEDED" in job.stdout
     assert "AWS_SECRET_ACCESS_KEY" in job.stdout and "not sent with the job" in job.stdout
     assert s3.secret_key not in job.stdout + job.stderr
+    job_id = re.search(r"^\[submit\] job (\S+): ", job.stdout, re.M)[1]
+    client = mlflow_client(mlflow_server.uri)
+    versions = client.search_model_versions("name = 'scanned-by-job'")
+    assert [v.tags.get("pipeline.ray_job_id") for v in versions] == [job_id]
+    run = client.get_run(versions[0].run_id)
+    assert run.data.tags.get("pipeline.ray_job_id") == job_id
 
     # what anyone who can query the head's jobs sees (a fresh process: the head wants its token)
     seen = subprocess.run([sys.executable, "-c", (
@@ -259,11 +306,44 @@ def test_kuberay_job_runs_the_pipeline_entrypoint():
         assert "ephemeral-storage" in worker["resources"]["requests"]
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
-def test_job_entrypoints_run(script):
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / script), "--help"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--config" in out.stdout
+def test_job_entrypoints_run_their_step_of_the_chain(train_data, ray_cluster, tmp_path):
+    """Each Ray job entrypoint runs its own step of `pipeline run` with the config it is given,
+    and only that step, told apart by what each step says: staging is skipped (the dataset is
+    staged already), train and tune refuse 5 workers in their own words, register finds nothing
+    trained, the whole chain skips staging and then refuses the sweep."""
+    refused = "error: each trial needs 5 workers"
+    expected = {   # exit status, the steps that speak (in order), how the last line starts
+        "stage_imagenet": (0, ["stage"], "[stage] skipped"),
+        "train_resnet": (2, [], "error: --num-workers 5: "),
+        "tune_resnet": (2, ["tune"], refused),
+        "register_model": (2, [], "error: nothing to register yet: "
+                                  f"{tmp_path}/runs/register_model/result.json is missing"),
+        "run_pipeline": (2, ["stage", "tune"], refused)}
+    assert sorted(expected) == sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, TQDM_DISABLE="1")
+    procs = {}
+    for script in expected:   # all at once: each spends seconds importing and connecting
+        cfg = {"stage": {"source": str(Path(train_data).parent / "src"), "dest": train_data,
+                         "max_resolution": 64, "shard_size": 50},   # as the train_data fixture
+               "train": {**TINY_TRAIN, "num_workers": 5, "storage": str(tmp_path / "runs"),
+                         "worker_resources": {"trainer": 1}, "name": script},
+               "tune": {"name": script, "trials": 1, "search_space": {"lr": {"grid": [0.4]}}},
+               "register": {"model": "job-model"}}
+        config = tmp_path / f"{script}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        procs[script] = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / f"{script}.py"), "--config", str(config)],
+            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for script, proc in procs.items():
+        said, _ = proc.communicate(timeout=300)
+        code, steps, last = expected[script]
+        ours = [line for line in said.splitlines()
+                if line.startswith(("[stage]", "[train]", "[tune]", "[register]", "error:"))]
+        spoke = list(dict.fromkeys(line[1:line.index("]")] for line in ours if line[0] == "["))
+        assert proc.returncode == code and ours and ours[-1].startswith(last), \
+            (script, said[-3000:])
+        assert spoke == steps, (script, ours)
+        assert "stage" not in steps or ours[0].startswith("[stage] skipped"), (script, ours)
 
 
 @pytest.mark.parametrize("name", ["tiny-local.yaml", "imagenet-resnet50.yaml", "imagenet-resnet18.yaml"])
