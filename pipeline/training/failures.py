@@ -73,9 +73,10 @@ class StopOnUserError(FailurePolicy):
 
 
 class SkipDrainingNodes(ElasticScalingPolicy):
-    """Ray Train's elastic policy, except that a draining node (a spot node under a preemption
-    notice) offers no room: counted, it made the restart after a preemption wait 60 s for a
-    worker that its node would never take, then time out and try again with fewer."""
+    """Ray Train's elastic policy, counting only nodes that can take a worker now: not a
+    draining node (a spot node under a preemption notice), nor one the cluster already lost.
+    Ray counts both while its resource view catches up, and a restart (or a resize of a
+    running group) then waited 30-60 s for a worker such a node would never take."""
 
     def _get_reserved_resources(self):
         reserved = super()._get_reserved_resources()
@@ -83,15 +84,23 @@ class SkipDrainingNodes(ElasticScalingPolicy):
             return reserved
         try:
             draining = set(ray_state().get_draining_nodes() or {})
-        except Exception:   # noqa: BLE001 - no drain information: count every node, as Ray does
+            alive = alive_nodes()
+        except Exception:   # noqa: BLE001 - no node information: count every node, as Ray does
             return reserved
-        return {node: res for node, res in reserved.items() if node not in draining}
+        return {node: res for node, res in reserved.items()
+                if node in alive and node not in draining}
 
 
 def ray_state():
     import ray
 
     return ray._private.state.state
+
+
+def alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 class Trainer(TorchTrainer):

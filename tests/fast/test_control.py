@@ -102,7 +102,7 @@ def test_events_give_each_preemption_and_recovery_with_the_steps_lost():
     assert steps_lost((2, 5), (2, 5)) == 0 and steps_lost((3, 1), (2, 9)) is None
 
 
-def test_a_draining_node_offers_no_room_to_an_elastic_restart(monkeypatch):
+def test_a_draining_or_lost_node_offers_no_room_to_an_elastic_restart(monkeypatch):
     from ray.train import ScalingConfig
 
     from pipeline.training import failures
@@ -116,6 +116,11 @@ def test_a_draining_node_offers_no_room_to_an_elastic_restart(monkeypatch):
             return {"b": 12345}
 
     monkeypatch.setattr(failures, "ray_state", lambda: State())
+    monkeypatch.setattr(failures, "alive_nodes", lambda: {"a", "b"})
+    assert policy._get_reserved_resources() == {"a": {"CPU": 1}}
+    # a node the cluster has lost, still in Ray's resource view for a few seconds
+    monkeypatch.setattr(failures.ElasticScalingPolicy, "_get_reserved_resources",
+                        lambda self: {"a": {"CPU": 1}, "c": {"CPU": 1}})
     assert policy._get_reserved_resources() == {"a": {"CPU": 1}}
     monkeypatch.setattr(failures, "ray_state", lambda: (_ for _ in ()).throw(RuntimeError()))
-    assert set(policy._get_reserved_resources()) == {"a", "b"}
+    assert set(policy._get_reserved_resources()) == {"a", "c"}
