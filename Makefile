@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml setup.py pipeline/data/jpeg_crop.c | system-deps
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -v tests
+	$(BIN)/python -m pytest -v --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

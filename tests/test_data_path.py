@@ -69,6 +69,13 @@ def test_late_nodes_are_measured_and_warm_mixed_caches_read_each_sample_once(
         assert fetched[(a.node_id, "train")]["shards_kept"] > 0        # its history was kept
         assert fetched[(c.node_id, "train")]["shards_kept"] == 0       # a fresh cache
         assert fetched[(a.node_id, "train")]["stream"] and not fetched[(c.node_id, "train")]["stream"]
+        # the first step's line names the fetch every rank waited for: all that both nodes
+        # fetched (the warm one only what it lacked), and the slower of the two
+        first = re.search(r"\] first step [\d.]+ s after the workers started; data: (\d+) MB "
+                          r"fetched by 2 node\(s\), the slowest \((\w{8})\)", out)
+        assert first, out[-3000:]
+        assert int(first[1]) == round(sum(d["bytes_downloaded"] for d in warm["node_data"]) / 1e6)
+        assert first[2] in (a.node_id[:8], c.node_id[:8])
         fresh = plan_layout(manifest.splits["train"].shards, "global", ["x", "y"], 0, 32,
                             style="stream")
         want = expected_epoch_samples(train_data, 2, 0, [fresh, fresh])
