@@ -266,8 +266,10 @@ def first_step_done(events, rank: int, local_rank: int, node: str, label: str, s
         node_id, (seconds, size) = max(nodes.items(), key=lambda kv: kv[1][0])
         total = sum(b for _, b in nodes.values())
         rate = f" ({size / seconds / 1e6:.1f} MB/s)" if seconds and size else ""
+        data = (f"{total / 1e6:.0f} MB fetched by {len(nodes)} node(s), the slowest "
+                f"({node_id[:8]}) {size / 1e6:.0f} MB in {seconds:.1f} s{rate}" if total else
+                f"already on its {len(nodes)} node(s)")
         say(f"[{label}] first step {time.time() - started:.1f} s after the workers started; "
-            f"data: {total / 1e6:.0f} MB fetched by {len(nodes)} node(s), the slowest "
-            f"({node_id[:8]}) {size / 1e6:.0f} MB in {seconds:.1f} s{rate}")
+            f"data: {data}")
     if local_rank == 0:
         events.add("node_first_step", node=node)
