@@ -89,7 +89,7 @@ def test_a_notice_costs_no_step_a_death_at_most_an_interval(train_data, node_cac
     assert p["nodes"] == [doomed.node_id] and abs(p["deadline"] - deadline) < 1
     assert p["checkpoint"][0] == 1 and p["checkpoint"][1] > 0       # inside epoch 2
     assert p["notice_at"] + p["checkpoint_seconds"] < deadline       # on storage in time
-    assert p["waited_for_deadline"] and p["resumed_at"] == p["last_checkpoint"]
+    assert p["handed_over"] and p["resumed_at"] == p["last_checkpoint"]
     assert p["steps_lost"] == 0 and p["world_size_after"] == 1
     [r] = summary["recoveries"]                                      # the node that just died
     assert r["cause"] == "worker failure" and r["steps_lost"] is not None

@@ -5,5 +5,6 @@ launch (the driver) -> cluster (capacity, the data's checks) -> worker (each Ray
 data, resume, steps, reports) -> trainer (ImageNetTrainer: the recipe, one step, the loops) ->
 control (checkpoints inside epochs, preemption notices, progress) -> checkpoint (the format) ->
 summary / run_events (what the run leaves beside its checkpoints); failures (how a failure is
-judged, elastic restarts that skip draining nodes); precision, probe, model.
+judged, a hand-over before a preemption deadline, elastic restarts that count only nodes that
+can take a worker); precision, probe, model.
 """

@@ -1,14 +1,19 @@
 """How a failed worker group is recorded, retried or turned into words."""
 from __future__ import annotations
 
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 from ray.train.v2.api.callback import UserCallback
 
 from ..config import TrainConfig
 from ..errors import UserError
 from ..storage import Storage
+from .control import HandOver
 from .run_events import RunEvents
 
 
@@ -19,6 +24,8 @@ class FailureRecorder(UserCallback):
         self.storage, self.run_dir = storage, run_dir
 
     def after_exception(self, run_context, worker_exceptions):
+        if all(handed_over(e) for e in worker_exceptions.values()):
+            return   # a preemption: its events are the checkpoints before the deadline
         errors = "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
                            for r, e in sorted(worker_exceptions.items()))
         RunEvents(self.storage, self.run_dir).add("failure", error=errors[:500])
@@ -57,10 +64,16 @@ def user_error_in(error) -> UserError | None:
     return None
 
 
+def handed_over(error) -> bool:
+    return isinstance(getattr(error, "cause", error), HandOver)
+
+
 class StopOnUserError(FailurePolicy):
     """Ray Train's failure policy, except that a worker failing with a UserError (a corrupt
     shard, a batch larger than the data) ends the run at once: restarting cannot fix it, and
-    every restart would cost a worker-group start (and `max_failures`)."""
+    every restart would cost a worker-group start (and `max_failures`); and that a group whose
+    ranks all handed over before a preemption deadline (control.HandOver) restarts, uncounted
+    like any preemption (`max_preemption_failures` is unlimited, launch.py)."""
 
     def __init__(self, inner: FailurePolicy):
         super().__init__(inner.failure_config)
@@ -69,14 +82,31 @@ class StopOnUserError(FailurePolicy):
     def make_decision(self, training_failed_error) -> FailureDecision:
         if user_error_in(training_failed_error) is not None:
             return FailureDecision.RAISE
+        failures = getattr(training_failed_error, "worker_failures", None)
+        if failures and all(handed_over(e) for e in failures.values()):
+            return FailureDecision.RETRY
         return self.inner.make_decision(training_failed_error)
 
 
 class SkipDrainingNodes(ElasticScalingPolicy):
     """Ray Train's elastic policy, counting only nodes that can take a worker now: not a
     draining node (a spot node under a preemption notice), nor one the cluster already lost.
-    Ray counts both while its resource view catches up, and a restart (or a resize of a
-    running group) then waited 30-60 s for a worker such a node would never take."""
+    Ray counts both while its resource view catches up (a dead node stays alive in it for
+    ~17 s, until its health checks fail): a restart after a node's death, or a running group
+    "growing" onto a node being drained, then waited the group's 30 s start timeout for a
+    worker that node would never take.
+
+    A running group is never shrunk here: that would be a resize without a checkpoint (up to an
+    interval of steps lost), taken before the workers had seen the notice whose own path
+    checkpoints and loses none; a dead node's workers fail and restart the group anyway."""
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+        decision = super().make_decision_for_running_worker_group(worker_group_state,
+                                                                  worker_group_status)
+        if isinstance(decision, ResizeDecision) and \
+                decision.num_workers < worker_group_state.num_workers:
+            return NoopDecision()
+        return decision
 
     def _get_reserved_resources(self):
         reserved = super()._get_reserved_resources()
@@ -100,7 +130,25 @@ def ray_state():
 def alive_nodes() -> set[str]:
     import ray
 
-    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return answering([n for n in ray.nodes() if n.get("Alive")])
+
+
+def answering(nodes: list[dict], timeout: float = 1.0) -> set[str]:
+    """The nodes (ray.nodes() entries) whose raylet accepts a connection. A node whose raylet
+    died refuses at once, a machine that is gone does not answer within the timeout; a busy
+    raylet still accepts (the kernel does). Asked in parallel: one slow answer, not one per node."""
+    def answers(node: dict) -> bool:
+        try:
+            with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                          timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    if not nodes:
+        return set()
+    with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
+        return {n["NodeID"] for n, up in zip(nodes, pool.map(answers, nodes)) if up}
 
 
 class Trainer(TorchTrainer):

@@ -78,8 +78,8 @@ def steps_lost(reached: tuple[int, int] | None, resumed: tuple[int, int] | None)
 
 def preemptions(events: list[dict]) -> list[dict]:
     """Each preemption notice the run met: node(s), ranks, deadline, where it checkpointed on the
-    notice and how long that took, its last checkpoint (just before the deadline, after which it
-    waited: `waited_for_deadline`), where the run resumed and on how many workers, the steps lost
+    notice and how long that took, its last checkpoint (just before the deadline, after which the
+    group handed over to the nodes that remain: `handed_over`), where the run resumed and on how many workers, the steps lost
     (trained but not kept; the goal is 0) and the seconds from the notice to the first step
     after it. Positions are [epochs done, steps into the next]."""
     out = []
@@ -89,13 +89,13 @@ def preemptions(events: list[dict]) -> list[dict]:
         p = {"nodes": e["nodes"], "ranks": e["ranks"], "notice_at": e["seen"],
              "deadline": e["deadline"], "checkpoint": [e["epoch"], e["step"]],
              "checkpoint_seconds": e["seconds"], "last_checkpoint": [e["epoch"], e["step"]],
-             "waited_for_deadline": False}
+             "handed_over": False}
         later = events[i + 1:]
         restart = next((j for j, x in enumerate(later) if x["kind"] == "start"), None)
         before = later if restart is None else later[:restart]
         for x in before:
             if x["kind"] == "preemption_checkpoint":
-                p.update(last_checkpoint=[x["epoch"], x["step"]], waited_for_deadline=True)
+                p.update(last_checkpoint=[x["epoch"], x["step"]], handed_over=True)
         if restart is not None:
             start = later[restart]
             resumed = (start.get("resumed_from_epoch") or 0, start.get("resumed_from_step") or 0)

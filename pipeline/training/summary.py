@@ -31,6 +31,11 @@ def best_checkpoint(best_checkpoints: list, metric: str = "val_top1"):
     return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
+def scored_checkpoints(result, storage_uri: str) -> list[tuple[str, dict]]:
+    """(URI, metrics) of the checkpoints Ray kept."""
+    return [(checkpoint_uri(c.path, storage_uri), m) for c, m in (result.best_checkpoints or [])]
+
+
 def node_data(history: list[dict]) -> list[dict]:
     """What each node held at the end: the last record per node and split."""
     last = {}
@@ -42,10 +47,18 @@ def node_data(history: list[dict]) -> list[dict]:
 
 def build_summary(name: str, result, storage: Storage, storage_uri: str, run_dir: str,
                   history: list[dict], mlflow_run_id: str | None) -> dict:
-    last = checkpoint_uri(result.checkpoint and result.checkpoint.path, storage_uri)
-    best = best_checkpoint(result.best_checkpoints or [])
+    # the furthest complete checkpoint on storage: a group restarted (a resize, a hand-over)
+    # after its last epoch's checkpoint but before Ray recorded it has trained nothing since,
+    # and Ray's latest is then an earlier one, mid-epoch, without a validation score
+    last = checkpoint.furthest(storage, run_dir,
+                               checkpoint_uri(result.checkpoint and result.checkpoint.path,
+                                              storage_uri))
     meta = checkpoint.read_meta(storage, last) if last else {}
     metrics = meta.get("metrics", {})
+    kept = scored_checkpoints(result, storage_uri)
+    if last and all(uri != last for uri, _ in kept):
+        kept.append((last, metrics))
+    best = best_checkpoint(kept)
     starts = [e for e in history if e["kind"] == "start"]
     return {
         "name": name,
@@ -53,7 +66,7 @@ def build_summary(name: str, result, storage: Storage, storage_uri: str, run_dir
         "val_top5": metrics.get("val_top5"),
         "epochs_completed": meta.get("epoch", 0),
         "checkpoint": last,
-        "best_checkpoint": checkpoint_uri(best.path, storage_uri) if best else last,
+        "best_checkpoint": best or last,
         "restarts": max(0, len(starts) - 1),
         "world_sizes": [e.get("world_size") for e in starts],
         "resumed_from_epoch": starts[-1].get("resumed_from_epoch") if starts else None,

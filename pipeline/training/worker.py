@@ -198,12 +198,13 @@ def train_worker(config: dict) -> None:
                 say(f"[{label}] preemption notice: node(s) {', '.join(x[:8] for x in n.nodes)} "
                     f"(ranks {n.ranks}) go in {left_s}; checkpointed epoch {epoch + 1} step "
                     f"{step + 1} in {seconds:.1f} s" + (", the last before the deadline: "
-                                                        "waiting for the restart" if action == "final" else ""))
+                                                        "handing over to the nodes that remain"
+                                                        if action == "final" else ""))
                 events.add("preemption_checkpoint", notice=action == "notice", nodes=n.nodes,
                            ranks=n.ranks, deadline=n.deadline, seen=n.seen, epoch=epoch,
                            step=step + 1, seconds=round(seconds, 2))
             if action == "final":
-                control.wait_for_stop()
+                control.hand_over()
 
         train_stats = trainer.train_loop(epoch, plan_reads, steps_before, after_step)
         segment.steps = plan_reads.steps

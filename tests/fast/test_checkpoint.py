@@ -61,11 +61,40 @@ def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path):
 
 
 def test_best_checkpoint_is_the_highest_score_whatever_the_order():
-    a, b, c = (SimpleNamespace(path=p) for p in "abc")
-    kept = [(b, {"val_top1": 0.9}), (a, {"val_top1": 0.5}), (c, {"val_top1": 0.7})]
-    assert best_checkpoint(kept).path == "b"
-    assert best_checkpoint(list(reversed(kept))).path == "b"
-    assert best_checkpoint([(a, {})]) is None
+    kept = [("b", {"val_top1": 0.9}), ("a", {"val_top1": 0.5}), ("c", {"val_top1": 0.7})]
+    assert best_checkpoint(kept) == "b"
+    assert best_checkpoint(list(reversed(kept))) == "b"
+    assert best_checkpoint([("a", {})]) is None
+
+
+def test_the_summary_reports_the_furthest_checkpoint_not_only_what_ray_recorded(tmp_path):
+    """A group restarted (a resize, a hand-over) after its last epoch's checkpoint, before Ray
+    recorded it, trains nothing and returns: Ray's latest is then a mid-epoch checkpoint without
+    a score, and the summary said val top-1 None (the CLI crashed formatting it)."""
+    import json
+
+    from pipeline.storage import Storage
+    from pipeline.training.checkpoint import CHECKPOINT_FILE, META_FILE
+    from pipeline.training.summary import build_summary
+
+    def folder(name, meta):
+        d = tmp_path / name
+        d.mkdir()
+        (d / META_FILE).write_text(json.dumps(meta))
+        (d / CHECKPOINT_FILE).write_bytes(b"weights")
+        return SimpleNamespace(path=str(d))
+
+    third = folder("epoch-0003-aaaaaa", {"epoch": 3, "metrics": {"val_top1": 0.8}})
+    mid = folder("step-0004-000009-bbbbbb", {"epoch": 3, "cursor": {"epoch": 3, "steps": 9},
+                                              "metrics": {"mid_epoch": True}})
+    folder("epoch-0004-cccccc", {"epoch": 4, "metrics": {"val_top1": 0.9, "val_top5": 1.0},
+                                 "epoch_samples": [{"epoch": 4}]})
+    result = SimpleNamespace(checkpoint=mid, best_checkpoints=[(third, {"val_top1": 0.8}),
+                                                               (mid, {"checkpoint_score": -1})])
+    s = build_summary("r", result, Storage(), str(tmp_path), str(tmp_path), [], None)
+    assert s["val_top1"] == 0.9 and s["epochs_completed"] == 4
+    assert s["checkpoint"] == s["best_checkpoint"] == str(tmp_path / "epoch-0004-cccccc")
+    assert s["epoch_samples"] == [{"epoch": 4}]
 
 
 def test_a_run_resumes_from_its_furthest_complete_checkpoint(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.config import TrainConfig, checkpoint_interval
 from pipeline.errors import UserError
-from pipeline.training.control import (RunControl, checkpoint_due_by_steps, epoch_checkpoint_due,
-                                       final_checkpoint_due, progress_line)
+from pipeline.training.control import (HandOver, RunControl, checkpoint_due_by_steps,
+                                       epoch_checkpoint_due, final_checkpoint_due, progress_line)
 from pipeline.training.run_events import preemptions, recoveries, steps_lost
 
 
@@ -72,6 +72,38 @@ def test_a_notice_makes_a_checkpoint_at_once_and_another_before_the_deadline():
     control.notice.deadline = __import__("time").time() + 3.0   # the deadline comes near
     assert control.after_step(0, 4, 100, 0.1, 0.0, 1.0, 4) == "final"
     assert control.after_step(0, 5, 100, 0.1, 0.0, 1.0, 5) is None   # only once
+    with pytest.raises(HandOver, match="before the deadline"):
+        control.hand_over()
+
+
+def test_a_hand_over_restarts_uncounted_and_is_no_failure(tmp_path):
+    """Every rank raising HandOver after the last checkpoint before a deadline restarts the
+    group whatever max_failures is, and records no failure; one rank failing otherwise is a
+    failure, counted by Ray's policy (here: max_failures 0, so it ends the run)."""
+    from ray.train import FailureConfig
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling import (DefaultFailurePolicy,
+                                                                   FailureDecision)
+
+    from pipeline.storage import Storage
+    from pipeline.training.failures import FailureRecorder, StopOnUserError
+    from pipeline.training.run_events import RunEvents
+
+    def group_error(*errors):
+        return WorkerGroupError("failed", dict(enumerate(errors)))
+
+    policy = StopOnUserError(DefaultFailurePolicy(FailureConfig(max_failures=0)))
+    handed = group_error(HandOver("a"), HandOver("b"))
+    for _ in range(3):
+        assert policy.make_decision(handed) == FailureDecision.RETRY
+    assert policy.make_decision(group_error(HandOver("a"), RuntimeError("b"))) == FailureDecision.RAISE
+
+    recorder = FailureRecorder(Storage(), str(tmp_path))
+    recorder.after_exception(None, handed.worker_failures)
+    assert RunEvents(Storage(), str(tmp_path)).all() == []
+    recorder.after_exception(None, {0: HandOver("a"), 1: RuntimeError("node died")})
+    [failure] = RunEvents(Storage(), str(tmp_path)).all()
+    assert "RuntimeError: node died" in failure["error"]
 
 
 def test_events_give_each_preemption_and_recovery_with_the_steps_lost():
@@ -95,7 +127,7 @@ def test_events_give_each_preemption_and_recovery_with_the_steps_lost():
               ev("first_step")]
     [p] = preemptions(events)
     assert p["checkpoint"] == [1, 7] and p["last_checkpoint"] == [1, 15]
-    assert p["waited_for_deadline"] and p["resumed_at"] == [1, 15] and p["steps_lost"] == 0
+    assert p["handed_over"] and p["resumed_at"] == [1, 15] and p["steps_lost"] == 0
     assert p["world_size_after"] == 1 and p["seconds_to_first_step"] == 8.0 - 4.0
     [r] = recoveries(events)
     assert r["cause"] == "worker failure" and r["resumed_at"] == [1, 18] and r["steps_lost"] == 3
@@ -103,24 +135,68 @@ def test_events_give_each_preemption_and_recovery_with_the_steps_lost():
 
 
 def test_a_draining_or_lost_node_offers_no_room_to_an_elastic_restart(monkeypatch):
+    """Restarts and growth count only nodes that can take a worker; a running group is never
+    shrunk (a resize has no checkpoint: the notice path checkpoints first)."""
+    from types import SimpleNamespace
+
     from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
 
     from pipeline.training import failures
 
-    policy = failures.SkipDrainingNodes(ScalingConfig(num_workers=(1, 2)))
+    policy = failures.SkipDrainingNodes(ScalingConfig(num_workers=(1, 3)))
+    monkeypatch.setattr(policy, "_maybe_send_resource_request", lambda: None)
+    reserved = {"a": {"CPU": 1}, "b": {"CPU": 1}, "c": {"CPU": 1}}
     monkeypatch.setattr(failures.ElasticScalingPolicy, "_get_reserved_resources",
-                        lambda self: {"a": {"CPU": 1}, "b": {"CPU": 1}})
+                        lambda self: reserved)
 
     class State:
         def get_draining_nodes(self):
             return {"b": 12345}
 
     monkeypatch.setattr(failures, "ray_state", lambda: State())
+    # "c" is gone, though Ray's view still lists it
     monkeypatch.setattr(failures, "alive_nodes", lambda: {"a", "b"})
-    assert policy._get_reserved_resources() == {"a": {"CPU": 1}}
-    # a node the cluster has lost, still in Ray's resource view for a few seconds
-    monkeypatch.setattr(failures.ElasticScalingPolicy, "_get_reserved_resources",
-                        lambda self: {"a": {"CPU": 1}, "c": {"CPU": 1}})
-    assert policy._get_reserved_resources() == {"a": {"CPU": 1}}
+    restart = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(restart, ResizeDecision) and restart.num_workers == 1
+    # a running group of 1 does not grow onto the draining or the lost node...
+    policy._latest_monitor_time = float("-inf")
+    one = SimpleNamespace(start_time=float("-inf"), num_workers=1)
+    assert isinstance(policy.make_decision_for_running_worker_group(one, None), NoopDecision)
+    # ...a running group of 3 is not shrunk (its notice checkpoints first)...
+    policy._latest_monitor_time = float("-inf")
+    three = SimpleNamespace(start_time=float("-inf"), num_workers=3)
+    assert isinstance(policy.make_decision_for_running_worker_group(three, None), NoopDecision)
+    # ...and a group of 1 grows when a node that can take a worker joins
+    monkeypatch.setattr(failures, "alive_nodes", lambda: {"a", "b", "c"})
+    policy._latest_monitor_time = float("-inf")
+    grown = policy.make_decision_for_running_worker_group(one, None)
+    assert isinstance(grown, ResizeDecision) and grown.num_workers == 2
+    # no node information: every node counts, as Ray counts them
     monkeypatch.setattr(failures, "ray_state", lambda: (_ for _ in ()).throw(RuntimeError()))
-    assert set(policy._get_reserved_resources()) == {"a", "c"}
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 3
+
+
+def test_a_node_whose_raylet_does_not_answer_is_not_counted():
+    """Ray keeps a dead node alive in its view until its health checks fail (~17 s here); its
+    raylet's port refuses at once. Real sockets on loopback: one listening, one closed."""
+    import socket
+
+    from pipeline.training.failures import answering
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        nodes = [{"NodeID": "up", "NodeManagerAddress": "127.0.0.1",
+                  "NodeManagerPort": listening.getsockname()[1]},
+                 {"NodeID": "dead", "NodeManagerAddress": "127.0.0.1",
+                  "NodeManagerPort": closed_port}]
+        assert answering(nodes) == {"up"}
+        assert answering([]) == set()
+    finally:
+        listening.close()

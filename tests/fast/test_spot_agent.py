@@ -7,7 +7,7 @@ import io
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 
