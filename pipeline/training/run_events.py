@@ -79,9 +79,9 @@ def steps_lost(reached: tuple[int, int] | None, resumed: tuple[int, int] | None)
 def preemptions(events: list[dict]) -> list[dict]:
     """Each preemption notice the run met: node(s), ranks, deadline, where it checkpointed on the
     notice and how long that took, its last checkpoint (just before the deadline, after which the
-    group handed over to the nodes that remain: `handed_over`), where the run resumed and on how many workers, the steps lost
-    (trained but not kept; the goal is 0) and the seconds from the notice to the first step
-    after it. Positions are [epochs done, steps into the next]."""
+    group handed over to the nodes that remain: `handed_over`), where the run resumed and on how
+    many workers, the steps lost (trained but not kept; the goal is 0) and the seconds from the
+    notice to the first step after it. Positions are [epochs done, steps into the next]."""
     out = []
     for i, e in enumerate(events):
         if e["kind"] != "preemption_checkpoint" or not e.get("notice"):
