@@ -26,9 +26,19 @@ class FailureRecorder(UserCallback):
     def after_exception(self, run_context, worker_exceptions):
         if all(handed_over(e) for e in worker_exceptions.values()):
             return   # a preemption: its events are the checkpoints before the deadline
-        errors = "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-                           for r, e in sorted(worker_exceptions.items()))
-        RunEvents(self.storage, self.run_dir).add("failure", error=errors[:500])
+        RunEvents(self.storage, self.run_dir).add(
+            "failure", error=describe_failures(worker_exceptions, 160)[:500])
+
+
+def describe_failures(worker_failures: dict, width: int) -> str:
+    """`rank R: Type: first line of its message; ...` for each failed rank (the exception a
+    worker raised, not Ray's wrapper of it)."""
+    parts = []
+    for rank, error in sorted(worker_failures.items()):
+        cause = getattr(error, "cause", error)
+        parts.append(f"rank {rank}: {type(cause).__name__}: "
+                     f"{(str(cause).splitlines() or [''])[0][:width]}")
+    return "; ".join(parts)
 
 
 def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
@@ -40,9 +50,7 @@ def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
     if isinstance(exc, WorkerGroupError):
         # retried until the failure policy gave up: max_failures restarts were spent
         n = cfg.run.max_failures
-        last = "; ".join(f"rank {r}: {type(getattr(e, 'cause', e)).__name__}: "
-                         f"{(str(getattr(e, 'cause', e)).splitlines() or [''])[0][:200]}"
-                         for r, e in sorted(exc.worker_failures.items()))
+        last = describe_failures(exc.worker_failures, 200)
         return UserError(f"the training workers failed {n + 1} times, more than --max-failures "
                          f"{n} allows; the last failure: {last[:400]}; fix its cause, then re-run "
                          f"with --name {cfg.run.name} to resume from the last checkpoint")
