@@ -127,6 +127,12 @@ def grey16_png(value: int = 32896, size=(40, 60)) -> bytes:
     return buf.getvalue()
 
 
+def events(run_dir: Path, kind: str) -> list[dict]:
+    """A run's events of one kind (RUN_DIR/events/*-KIND-*.json), oldest first."""
+    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
+    return sorted(found, key=lambda e: e["time"])
+
+
 def train_workers(address: str) -> list[int]:
     """The pids of the live Ray Train workers of the cluster at `address` (its State API, not a
     scan of every process: another suite's cluster on this machine has workers too)."""

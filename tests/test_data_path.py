@@ -3,24 +3,17 @@ started (an autoscaling cluster), measured where they run; caches warm from earl
 other placements; nodes in different read modes. Every epoch reads what the order says, once."""
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 from conftest import add_trainer_node, start_cluster
-from helpers import Running, expected_epoch_samples, last_json
+from helpers import Running, events, expected_epoch_samples, last_json
 
 pytestmark = pytest.mark.slow
 
 TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 32,
         "--val-res", 32, "--start-ramp", 0, "--end-ramp", 0, "--lr", 0.4, "--lr-peak-epoch", 1,
         "--worker-resources", "trainer=1", "--json", "--num-workers", 2]
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
-    return sorted(found, key=lambda e: e["time"])
 
 
 def test_late_nodes_are_measured_and_warm_mixed_caches_read_each_sample_once(

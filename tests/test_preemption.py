@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from conftest import add_trainer_node, start_cluster
-from helpers import Running, expected_epoch_samples, last_json, wait_for
+from helpers import Running, events, expected_epoch_samples, last_json, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +18,6 @@ TINY = ["--arch", "resnet18", "--batch-size", 16, "--min-res", 32, "--max-res", 
         "--val-res", 32, "--start-ramp", 0, "--end-ramp", 0, "--lr", 0.4, "--lr-peak-epoch", 1,
         "--worker-resources", "trainer=1", "--json"]
 EVERY = 3   # steps between checkpoints
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
-    return sorted(found, key=lambda e: e["time"])
 
 
 def drain(cluster, node, seconds: float) -> float:

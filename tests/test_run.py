@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PIPELINE, last_json, mlflow_client, run_cli, upload_tree, wait_for
+from helpers import PIPELINE, events, last_json, mlflow_client, run_cli, upload_tree, wait_for
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -46,11 +46,6 @@ def _registered(run_dir: Path, epoch: int) -> bool:
         return f'"epoch-{epoch:04d}-' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
     except OSError:
         return False
-
-
-def _starts(run_dir: Path, kind: str = "start") -> list[dict]:
-    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
-    return sorted(found, key=lambda e: e["time"])
 
 
 def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, tmp_path):
@@ -89,19 +84,19 @@ def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, t
     assert "[run] plot:" in first.stdout and "[run] checkpoint:" in first.stdout
     assert len(out["trials"]) == 2 and all(t["epochs_completed"] == 2 for t in out["trials"])
     for trial in stopped:   # the sweep was resumed, and each stopped trial from its checkpoint
-        assert len(_starts(trial, "driver_start")) == 2
-        assert (_starts(trial)[-1]["resumed_from_epoch"] or 0) >= 1, _starts(trial)
+        assert len(events(trial, "driver_start")) == 2
+        assert (events(trial, "start")[-1]["resumed_from_epoch"] or 0) >= 1, events(trial, "start")
     # a quiet terminal: our lines, Ray's and Tune's own output in the log file
     assert not [w for w in NOISE if w in first.stdout + first.stderr], first.stdout + first.stderr
     assert len((first.stdout + first.stderr).splitlines()) < 40
     assert "Trial status" in Path(re.search(r"output goes to (\S+\.log)", first.stdout)[1]).read_text()
 
-    started = {t: len(_starts(t, "driver_start")) for t in runs.iterdir()}
+    started = {t: len(events(t, "driver_start")) for t in runs.iterdir()}
     again = run_cli("run", "--config", config, "--json", env=env)
     assert "[stage] skipped" in again.stdout
     assert "already registered as run-model version 1" in again.stdout
     # finished trials were not trained again
-    assert {t: len(_starts(t, "driver_start")) for t in runs.iterdir()} == started
+    assert {t: len(events(t, "driver_start")) for t in runs.iterdir()} == started
     assert len(client.search_model_versions("name = 'run-model'")) == 1
 
     only = last_json(run_cli("run", "--config", config, "--only", "register", "--json", env=env).stdout)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import add_trainer_node, start_cluster
-from helpers import (PIPELINE, Running, actor_ids, last_json, mlflow_client,
+from helpers import (PIPELINE, Running, actor_ids, events, last_json, mlflow_client,
                      pending_placement_groups, run_cli, train_workers, wait_for)
 
 from pipeline.training.run_events import recoveries
@@ -44,11 +44,6 @@ def _registered(run_dir: Path, epoch: int) -> bool:
 def wait_for_checkpoint(run_dir: Path, epoch: int, proc=None, timeout=300) -> None:
     wait_for(lambda: _registered(run_dir, epoch), f"the checkpoint of epoch {epoch} in {run_dir}",
              timeout, proc)
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
-    return sorted(found, key=lambda e: e["time"])
 
 
 def manifest_of(data: str) -> dict:

@@ -39,8 +39,10 @@ def add_arguments(p) -> None:
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in (run_dir / "events").glob(f"*-{kind}-*.json")]
-    return sorted(found, key=lambda e: e["time"])
+    from ..storage import Storage
+    from ..training.run_events import RunEvents
+
+    return [e for e in RunEvents(Storage(), str(run_dir)).all() if e["kind"] == kind]
 
 
 def _wait(check, what: str, proc, timeout: float = 600) -> None:
