@@ -1,6 +1,7 @@
 """The one way this project waits for something or retries it: bounded, backing off, in words."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -41,3 +42,29 @@ def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:.0f} s")
         time.sleep(interval)
+
+
+class RateLimit:
+    """At most `rate` requests per second from this process, spaced evenly; halved on each
+    SlowDown, and back up by a quarter after each second's worth of requests without one."""
+
+    def __init__(self, rate: float, clock=time.monotonic, sleep=time.sleep):
+        self.cap = self.rate = float(rate)
+        self.clock, self.sleep = clock, sleep
+        self.next, self.calm = 0.0, 0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = self.clock()
+            at = max(now, self.next)
+            self.next = at + 1.0 / self.rate
+            self.calm += 1
+            if self.calm >= self.rate and self.rate < self.cap:
+                self.rate, self.calm = min(self.cap, self.rate * 1.25), 0
+        if at > now:
+            self.sleep(at - now)
+
+    def slow_down(self) -> None:
+        with self._lock:
+            self.rate, self.calm = max(1.0, self.rate / 2), 0

@@ -1,6 +1,7 @@
 """Local paths and s3://bucket/prefix behind one small interface.
 
-Every stage takes URIs; this module is the only place that knows the difference. Writes are
+Every stage takes URIs; this module (with s3.py: S3's settings, regions and errors) is the only
+place that knows the difference. Writes are
 atomic on both sides (local: temp file + rename; S3: objects appear only once complete), so a
 reader never sees a half-written file. S3 calls ride out an outage of the endpoint (backing off,
 for `outage_seconds`), then fail in words.
@@ -18,20 +19,14 @@ import shutil
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 from .errors import UserError
-from .retry import retry
-
-DEFAULT_OUTAGE_SECONDS = 180.0
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
+from .retry import RateLimit, retry
+from .s3 import (DEFAULT_OUTAGE_SECONDS, PREFIX_GETS_PER_S, TRANSIENT_CODES,  # noqa: F401
+                 S3Settings, bucket_region, describe_s3_error, is_aws_endpoint, is_s3,
+                 is_throttled, is_transient, pyarrow_region, s3_code, split_s3)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -39,13 +34,6 @@ def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
     return str(Path(uri, *parts))
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise UserError(f"{uri}: not an S3 URI (expected s3://bucket/prefix)")
-    return parsed.netloc, parsed.path.lstrip("/")
 
 
 def absolute(uri: str) -> str:
@@ -60,158 +48,6 @@ def sha256_file(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@dataclass(frozen=True)
-class S3Settings:
-    """Where S3 is. Endpoint and region default to the standard AWS variables. Keys given here
-    explicitly (tests, one-off scripts) stay in this process: they are dropped when the settings
-    are pickled, and the other side uses the keys of its own environment."""
-
-    endpoint_url: str | None = None
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    region: str | None = None
-    outage_seconds: float = DEFAULT_OUTAGE_SECONDS
-    multipart_threshold: int = 64 * 1024 * 1024   # files above it are uploaded in parts
-
-    def __getstate__(self):
-        return {"endpoint_url": self.endpoint_url, "region": self.region,
-                "outage_seconds": self.outage_seconds,
-                "multipart_threshold": self.multipart_threshold,
-                "access_key": None, "secret_key": None}
-
-    def __setstate__(self, state):
-        for key, value in state.items():
-            object.__setattr__(self, key, value)
-
-    @classmethod
-    def from_env(cls, endpoint_url=None, region=None, outage_seconds=None) -> "S3Settings":
-        env = os.environ
-        return cls(
-            endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-            region=region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
-            outage_seconds=DEFAULT_OUTAGE_SECONDS if outage_seconds is None else outage_seconds,
-            multipart_threshold=int(env.get("PIPELINE_MULTIPART_THRESHOLD", 64 * 1024 * 1024)))
-
-    def client(self):
-        import boto3
-        from botocore.config import Config
-
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region or "us-east-1",
-            config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60, max_pool_connections=32))
-
-    def pyarrow_filesystem(self, bucket: str | None = None, resolve=None):
-        """For Ray's storage_filesystem, writing into `bucket`. pyarrow ignores AWS_ENDPOINT_URL,
-        so the endpoint is handed over; keys are not: pyarrow reads them from the environment
-        where it runs. The region is the bucket's own (see pyarrow_region)."""
-        import pyarrow.fs
-
-        kwargs = {"region": pyarrow_region(self.region, self.endpoint_url, bucket,
-                                           resolve or bucket_region)}
-        if self.endpoint_url:
-            scheme, _, host = self.endpoint_url.partition("://")
-            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-        return pyarrow.fs.S3FileSystem(**kwargs)
-
-
-def is_aws_endpoint(endpoint_url: str | None) -> bool:
-    """No endpoint (boto3's default), or one of AWS's own (s3.us-west-2.amazonaws.com, ...)."""
-    if not endpoint_url:
-        return True
-    host = urlparse(endpoint_url if "://" in endpoint_url else f"//{endpoint_url}").hostname or ""
-    return host.endswith((".amazonaws.com", ".amazonaws.com.cn")) or host == "amazonaws.com"
-
-
-def pyarrow_region(region: str | None, endpoint_url: str | None, bucket: str | None,
-                   resolve) -> str:
-    """The region pyarrow must address `bucket` in. pyarrow does not follow S3's redirects to a
-    bucket's region (boto3 does: its calls work whatever the region), so on AWS, with no region
-    given, it is asked of S3 (resolve(bucket): pyarrow.fs.resolve_s3_region); a region given is
-    used as given. A custom endpoint (SeaweedFS, MinIO) takes the region given, else us-east-1,
-    and is never asked: resolving talks to AWS."""
-    if region or not is_aws_endpoint(endpoint_url) or not bucket:
-        return region or "us-east-1"
-    try:
-        return resolve(bucket)
-    except (OSError, ValueError) as exc:
-        print(f"[s3] warning: the region of bucket {bucket} could not be found ({exc}); using "
-              "us-east-1: set AWS_DEFAULT_REGION (or --s3-region) to the bucket's region",
-              file=sys.stderr, flush=True)
-        return "us-east-1"
-
-
-@lru_cache(maxsize=64)
-def bucket_region(bucket: str) -> str:
-    import pyarrow.fs
-
-    return pyarrow.fs.resolve_s3_region(bucket)
-
-
-TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                   "RequestTimeout", "RequestTimeTooSkewed"}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """An outage (endpoint down, timeouts, 5xx): worth waiting for. Wrong keys are not."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
-
-    while exc is not None:   # boto3's transfers wrap the client's error in their own
-        if isinstance(exc, (BotoConnectionError, ConnectionError, TimeoutError)):
-            return True   # refused, closed, timed out
-        if isinstance(exc, ClientError):
-            return str(exc.response.get("Error", {}).get("Code", "")) in TRANSIENT_CODES
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def s3_code(exc: BaseException) -> str | None:
-    """The S3 error code behind a UserError that a failed call became."""
-    from botocore.exceptions import ClientError
-
-    cause = exc.__cause__
-    return str(cause.response.get("Error", {}).get("Code")) if isinstance(cause, ClientError) else None
-
-
-def describe_s3_error(exc: Exception, uri: str, settings: S3Settings, waited: float = 0) -> str:
-    """Say in words what an S3 failure means and what to do; never include a key."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-    inner = exc   # boto3's transfers wrap the client's error in their own
-    while inner is not None and not isinstance(inner, (ClientError, BotoCoreError)):
-        inner = inner.__cause__ or inner.__context__
-    exc = inner or exc
-    where = settings.endpoint_url or "AWS S3"
-    if is_transient(exc) and not isinstance(exc, ClientError):
-        return (f"{uri}: cannot reach the S3 endpoint {where} (waited {waited:.0f} s): is the "
-                "server running and AWS_ENDPOINT_URL (or --s3-endpoint-url) right?")
-    if isinstance(exc, NoCredentialsError):
-        return (f"{uri}: no S3 credentials here: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "where this runs (on a cluster: in the environment of its nodes, an instance "
-                "profile or a Kubernetes secret)")
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        bucket = split_s3(uri)[0] if is_s3(uri) else uri
-        if code == "SignatureDoesNotMatch":
-            return (f"{uri}: S3 at {where} rejected the request signature (SignatureDoesNotMatch): "
-                    "the secret key does not match the access key; check AWS_SECRET_ACCESS_KEY")
-        if code == "InvalidAccessKeyId":
-            return (f"{uri}: S3 at {where} does not know this access key (InvalidAccessKeyId): "
-                    "check AWS_ACCESS_KEY_ID")
-        if code == "NoSuchBucket":
-            return f"{uri}: bucket '{bucket}' does not exist at {where}; create it first"
-        if code in ("AccessDenied", "403", "Forbidden"):
-            return (f"{uri}: access denied by S3 at {where} (wrong keys, or these keys may not "
-                    "use this bucket)")
-        if code in ("404", "NoSuchKey", "NotFound"):
-            return f"{uri}: not found"
-        if code in TRANSIENT_CODES:
-            return f"{uri}: S3 at {where} kept answering {code} for {waited:.0f} s; try again later"
-        return f"{uri}: S3 at {where} answered {code or 'an error'}"
-    return f"{uri}: {exc}"
-
-
 class Storage:
     """Read, list and write under local paths and S3 URIs. One boto3 client per instance."""
 
@@ -219,15 +55,34 @@ class Storage:
         self.s3 = s3 or S3Settings.from_env()
         self._client = None
         self.bytes_read = 0   # every byte this object read (what a stage reports per source)
+        self.requests = {"get": 0, "head": 0, "list": 0}   # reads, existence/size checks, pages
+        self.gets_per_s: float | None = None   # this process's cap on GET/HEAD (see limited())
+        self._limit: RateLimit | None = None
         self._count_lock = threading.Lock()
 
     def __getstate__(self):
         # Shipped to Ray tasks: the settings travel (without keys), the client is rebuilt there.
-        return {"s3": self.s3, "_client": None, "bytes_read": 0}
+        return {"s3": self.s3, "_client": None, "bytes_read": 0, "gets_per_s": self.gets_per_s,
+                "requests": {"get": 0, "head": 0, "list": 0}, "_limit": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._count_lock = threading.Lock()
+        if self.gets_per_s and self._limit is None:
+            self._limit = RateLimit(self.gets_per_s)
+
+    def limited(self, gets_per_s: float) -> "Storage":
+        """A tally of this storage whose S3 GETs and HEADs (in this process, and in each process
+        it is shipped to) stay under gets_per_s, backing off further on SlowDown."""
+        other = self.tally()
+        other.gets_per_s, other._limit = gets_per_s, RateLimit(gets_per_s)
+        return other
+
+    def _request(self, kind: str, uri: str) -> None:
+        with self._count_lock:
+            self.requests[kind] += 1
+        if self._limit is not None and kind != "list" and is_s3(uri):
+            self._limit.wait()
 
     @property
     def client(self):
@@ -239,7 +94,7 @@ class Storage:
         """The same storage (settings, and the client once there is one), counting its own
         reads in bytes_read from 0: e.g. what one task read from the source."""
         other = copy.copy(self)   # pickles' state: a count of 0, no client (a subclass stays one)
-        other._client = self._client
+        other._client, other._limit = self._client, self._limit
         return other
 
     def _count(self, data: bytes) -> bytes:
@@ -256,6 +111,14 @@ class Storage:
         warned = []
 
         def say_once(exc, delay):
+            if is_throttled(exc):   # not an outage: S3 asks for fewer requests
+                if self._limit is not None:
+                    self._limit.slow_down()
+                if not warned:
+                    warned.append(exc)
+                    print(f"[s3] {uri}: S3 asks to slow down (SlowDown); backing off",
+                          file=sys.stderr, flush=True)
+                return
             if not warned:
                 warned.append(exc)
                 print(f"[s3] warning: {self.s3.endpoint_url or 'S3'} is not answering "
@@ -292,15 +155,24 @@ class Storage:
     # -- reading ------------------------------------------------------------------------------
     def size(self, uri: str) -> int | None:
         """Byte size, or None when the object/file does not exist."""
+        found = self.stat(uri)
+        return None if found is None else found[0]
+
+    def stat(self, uri: str) -> tuple[int, str] | None:
+        """(size, version) in one request: the version as list_detailed gives it (the ETag on
+        S3, the mtime locally); None when the file does not exist."""
         if not is_s3(uri):
+            self._request("head", uri)
             try:
-                return os.stat(uri).st_size
+                st = os.stat(uri)
             except FileNotFoundError:
                 return None
+            return st.st_size, str(st.st_mtime_ns)
         head = self._head(uri)
-        return None if head is None else head["ContentLength"]
+        return None if head is None else (head["ContentLength"], head.get("ETag", "").strip('"'))
 
     def _head(self, uri: str) -> dict | None:
+        self._request("head", uri)
         bucket, key = split_s3(uri)
         try:
             return self._s3_call(uri, self.client.head_object, Bucket=bucket, Key=key)
@@ -315,6 +187,7 @@ class Storage:
     def read_bytes(self, uri: str, offset: int = 0, length: int | None = None) -> bytes:
         if length == 0:
             return b""
+        self._request("get", uri)
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 f.seek(offset)
@@ -332,6 +205,7 @@ class Storage:
 
     def stream(self, uri: str, chunk: int = 8 * 1024 * 1024) -> Iterator[bytes]:
         """The whole file, in chunks, in one sequential read."""
+        self._request("get", uri)
         if not is_s3(uri):
             with open(uri, "rb") as f:
                 while block := f.read(chunk):
@@ -357,12 +231,18 @@ class Storage:
 
     def list_detailed(self, uri: str) -> Iterator[tuple[str, int, str]]:
         """As list(), with a version tag per file (its ETag on S3, its mtime locally)."""
+        self._request("list", uri)   # a page of up to 1,000 files on S3; a walk locally
         if not is_s3(uri):
             root = Path(uri)
             for dirpath, _, files in os.walk(root):
                 for name in files:
                     full = Path(dirpath, name)
-                    st = full.stat()
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        # gone since the walk named it (a part file renamed into place by
+                        # another process): not in the folder, as S3's listing would not show it
+                        continue
                     yield full.relative_to(root).as_posix(), st.st_size, str(st.st_mtime_ns)
             return
         bucket, prefix = split_s3(uri)
@@ -380,6 +260,7 @@ class Storage:
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]
+            self._request("list", uri)
 
     def open_range(self, uri: str, start: int = 0, size: int | None = None) -> "RangeReader":
         """Bytes [start, start + size) of uri as a read-only file; size None: to the end."""

@@ -3,7 +3,8 @@
 stage (staging throughput), loader (our loader vs bare FFCV vs ImageFolder), train (Ray Train vs
 torchrun), data (what each node downloads and holds), gpu (one GPU with the recipe: img/s, every
 precision, the largest batch; needs neither ffcv nor Ray), recovery (what a preemption costs, with
-and without a notice).
+and without a notice), scale (the planning code at ImageNet scale on 8 to 1,024 nodes, in one
+process).
 """
 from __future__ import annotations
 
@@ -72,12 +73,22 @@ def add_parsers(sub, s3_flags) -> None:
         "recovery", help="steps and seconds a preemption costs, with and without a notice",
         description=recovery.__doc__))
 
+    from . import scale
+
+    scale.add_arguments(sub.add_parser(
+        "scale", help="placement, planning and checkpoint costs at ImageNet scale, 8-1,024 nodes",
+        description=scale.__doc__))
+
 
 def main(args) -> int:
     if args.bench == "gpu":   # before the others' imports: it runs where only torch is
         from .gpu import run as bench_gpu
 
         return bench_gpu(args)
+    if args.bench == "scale":   # plain functions: no Ray (ffcv only for its file types)
+        from .scale import run as bench_scale
+
+        return bench_scale(args)
     from .data import run as bench_data
     from .recovery import run as bench_recovery
     from .stage import bench_stage

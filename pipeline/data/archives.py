@@ -56,6 +56,7 @@ class Walk:
     skipped: list[dict] = field(default_factory=list)
     last: tuple[str, int] | None = None   # (name, declared size) of the last member read
     bytes_read: int = 0
+    gets: int = 0                   # ranged reads made
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Listing:
     members: list[tuple[str, int, int]]    # (name, data offset in the blob, size)
     skipped: list[dict]
     bytes_read: int
+    gets: int = 0
 
 
 class _Reading:
@@ -122,7 +124,7 @@ def walk(storage: Storage, source_uri: str, seg: Segment, first: int | None = No
         out = Walk(seg, first)
         if first is not None:
             _walk_from(f, first, seg, out)
-    out.bytes_read = tally.bytes_read
+    out.bytes_read, out.gets = tally.bytes_read, tally.requests["get"]
     return out
 
 
@@ -176,22 +178,25 @@ def join_walks(walks: list[Walk], again: Callable[[Segment, int], Walk]) -> Walk
     for w in walks:
         if whole.end != "more" or pos >= w.segment.stop:
             whole.bytes_read += w.bytes_read   # read, though the chain did not need it
+            whole.gets += w.gets
             continue
         if w.first != pos:
             whole.bytes_read += w.bytes_read
+            whole.gets += w.gets
             w = again(w.segment, pos)
         whole.members += w.members
         whole.skipped += w.skipped
         whole.last = w.last or whole.last
         whole.bytes_read += w.bytes_read
+        whole.gets += w.gets
         whole.end, pos = w.end, w.next
     whole.next = pos
     return whole
 
 
-def check_end(storage: Storage, source_uri: str, whole: Walk, hint: str = "") -> int:
-    """Refuse a chain that did not end where a sound archive ends; returns the bytes read to
-    check that what follows the end-of-archive blocks is zeros (the archive's padding)."""
+def check_end(storage: Storage, source_uri: str, whole: Walk, hint: str = "") -> None:
+    """Refuse a chain that did not end where a sound archive ends; counts in `whole` what it
+    read to check that what follows the end-of-archive blocks is zeros (the archive's padding)."""
     seg, pos = whole.segment, whole.next
     if whole.end == "short":
         name, size = whole.last
@@ -220,7 +225,8 @@ def check_end(storage: Storage, source_uri: str, whole: Walk, hint: str = "") ->
                                 f"of {seg.size}){hint}: the archive is inconsistent: refused; "
                                 "download it again")
             pos += len(chunk)
-    return tally.bytes_read
+    whole.bytes_read += tally.bytes_read
+    whole.gets += tally.requests["get"]
 
 
 def list_segments(storage: Storage, source_uri: str, segs: list[Segment]) -> list[Walk]:
@@ -241,11 +247,14 @@ def list_segments_job(args: tuple) -> list[Walk]:
 def list_tars(storage: Storage, source_uri: str, tars: Iterable[tuple[str, str, int, int]],
               run_parallel: Callable | None = None, on_listed: Callable | None = None,
               hint: Callable[[str], str] = lambda where: "",
-              segment: int = SEGMENT) -> Iterator[Listing]:
+              segment: int = SEGMENT, gets_per_s: float | None = None) -> Iterator[Listing]:
     """List tars (blob, where, base, size) in parallel, yielding each one's Listing as soon as
     its segments are in. run_parallel(fn, items) yields fn(item) for every item in any order
-    (default: here, one item after another); on_listed(where, bytes_read) is called per tar."""
+    (default: here, one item after another); on_listed(where, bytes_read) is called per tar.
+    gets_per_s: each job's cap on its ranged reads of S3 (a share of the prefix's rate)."""
     run_parallel = run_parallel or map
+    if gets_per_s and is_s3(source_uri):
+        storage = storage.limited(gets_per_s)
     by_tar: dict[str, list[Segment]] = {}
     for blob, where, base, size in tars:
         by_tar[where] = segments(blob, where, base, size, segment)
@@ -261,10 +270,11 @@ def list_tars(storage: Storage, source_uri: str, tars: Iterable[tuple[str, str, 
                 continue
             ordered = [done[s.start] for s in by_tar[w.segment.where]]
             whole = join_walks(ordered, lambda s, at: walk(storage, source_uri, s, at))
-            whole.bytes_read += check_end(storage, source_uri, whole, hint(w.segment.where))
+            check_end(storage, source_uri, whole, hint(w.segment.where))
             if on_listed:
                 on_listed(w.segment.where, whole.bytes_read)
-            yield Listing(w.segment.where, whole.members, whole.skipped, whole.bytes_read)
+            yield Listing(w.segment.where, whole.members, whole.skipped, whole.bytes_read,
+                          whole.gets)
 
 
 def list_tar(storage: Storage, source_uri: str, blob: str, where: str, base: int, size: int,
@@ -272,5 +282,5 @@ def list_tar(storage: Storage, source_uri: str, blob: str, where: str, base: int
     """One tar, here (e.g. the outer train archive, whose members are tars themselves: never
     cut into segments, since a segment of it would find the headers of the tars inside)."""
     whole = walk(storage, source_uri, Segment(blob, where, base, size, 0, size))
-    whole.bytes_read += check_end(storage, source_uri, whole, hint)
-    return Listing(where, whole.members, whole.skipped, whole.bytes_read)
+    check_end(storage, source_uri, whole, hint)
+    return Listing(where, whole.members, whole.skipped, whole.bytes_read, whole.gets)

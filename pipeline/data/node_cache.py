@@ -12,7 +12,9 @@ it has and fetches only what it lacks. A state file beside the data records what
 and a digest of its structure; it is written last, so a file whose state does not match (a
 crash mid-append) is cut back to its last complete state, or rebuilt, never trusted as is.
 A long fetch commits that state every COMMIT_BYTES of shards: a fetch killed halfway (a node
-restarted, a worker group torn down) resumes with the shards it completed, not from zero.
+restarted, a worker group torn down) resumes with the shards it completed, not from zero. A
+commit writes only its own shards' rows (node_fill.py), so filling a node costs its shards' data
+and a few bytes per sample, however large the split.
 
 The cache lives in a folder of this user only (0700): the default is not a shared /tmp path that
 another user could prepare.
@@ -22,14 +24,13 @@ from __future__ import annotations
 import errno
 import getpass
 import hashlib
-import json
 import os
 import shutil
 import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,11 @@ from filelock import FileLock
 from ..errors import UserError
 from ..storage import Storage, join
 from .manifest import ShardInfo, ShardManifest
+from .node_fill import (Digest, FileIO, Filler, Layout, State, align, commit_batches, digest_v1,
+                        ffcv_types, fill)
 
 FETCH_THREADS = 4
 HEAD_BYTES = 64 * 1024
-STATE_VERSION = 1
 # shards fetched between two commits of the node file's state (env: for tests of a killed fetch)
 COMMIT_BYTES = int(os.environ.get("PIPELINE_CACHE_COMMIT_BYTES", 1 << 30))
 
@@ -73,70 +75,14 @@ def dataset_key(data_uri: str, manifest: ShardManifest) -> str:
 
 
 @dataclass
-class Layout:
-    """Where things are in one shard file."""
-
-    header: np.ndarray
-    descriptors: bytes
-    meta_start: int
-    num_samples: int
-    data_start: int
-    data_end: int
-    size: int
-
-
-@dataclass
-class Held:
-    """A shard held in the node file: its samples and its data pages there."""
-
-    path: str
-    sha256: str
-    first: int
-    samples: int
-    data_start: int
-    data_end: int
-
-
-@dataclass
-class State:
-    version: int
-    split: str
-    capacity: int
-    page_size: int
-    num_samples: int
-    logical_end: int
-    structure_sha256: str
-    shards: list[Held] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path) -> "State | None":
-        try:
-            raw = json.loads(path.read_text())
-            raw["shards"] = [Held(**s) for s in raw["shards"]]
-            state = cls(**raw)
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
-        return state if state.version == STATE_VERSION else None
-
-
-@dataclass
 class FetchStats:
     split: str
     shards_fetched: int = 0
     shards_kept: int = 0
     bytes_downloaded: int = 0
     file_bytes: int = 0
+    dead_bytes: int = 0
     seconds: float = 0.0
-
-
-def _ffcv_types():
-    from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
-
-    return ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
-
-
-def _align(n: int, page: int) -> int:
-    return n if n % page == 0 else n + page - n % page
 
 
 class NodeSplit:
@@ -155,17 +101,9 @@ class NodeSplit:
         self.shards = {s.path: s for s in manifest.splits[split].shards}
 
     # -- reading what is there ----------------------------------------------------------------
-    @staticmethod
-    def _structure(header: np.ndarray, descriptors: bytes, meta: np.ndarray, table: np.ndarray) -> str:
-        h = hashlib.sha256(header.tobytes())
-        h.update(descriptors)
-        h.update(meta.tobytes())
-        h.update(table.tobytes())
-        return h.hexdigest()
-
     def _read_structure(self, state: State):
         """(header, descriptors, metadata, alloc table) as the file holds them now."""
-        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
+        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = ffcv_types()
         with open(self.path, "rb") as f:
             header = np.frombuffer(f.read(Header.itemsize), Header)[0].copy()
             descriptors = f.read(int(header["num_fields"]) * FieldDesc.itemsize)
@@ -178,7 +116,11 @@ class NodeSplit:
     def current(self) -> State | None:
         """What the file holds, if its state and its structure agree; a file grown past its last
         complete state (a crash mid-append) is cut back to it."""
-        state = State.load(self.state_path)
+        self._digest = None
+        try:
+            state = State.load(self.state_path.read_text())
+        except OSError:
+            return None
         if state is None or not self.path.exists():
             return None
         if self.path.stat().st_size < state.logical_end:
@@ -189,9 +131,13 @@ class NodeSplit:
             header, descriptors, meta, table = self._read_structure(state)
         except (OSError, ValueError, KeyError):
             return None
-        if int(header["num_samples"]) != state.num_samples or \
-                self._structure(header, descriptors, meta, table) != state.structure_sha256:
+        digest = Digest(descriptors, meta.tobytes(), table.tobytes())
+        expected = digest_v1(header, descriptors, meta, table) if state.version == 1 else \
+            digest.hexdigest(header)
+        if int(header["num_samples"]) != state.num_samples or expected != state.structure_sha256:
             return None
+        state.table_ptr = int(header["alloc_table_ptr"])
+        self._digest = digest   # what the next commit extends
         return state
 
     # -- fetching -----------------------------------------------------------------------------
@@ -199,7 +145,7 @@ class NodeSplit:
         """Make the node file hold every shard in `wanted` (paths from the manifest); fetch only
         what it lacks, committing every COMMIT_BYTES. Safe to call from every worker of the
         node at once."""
-        _ffcv_types()   # its first import takes seconds: not part of the fetch
+        ffcv_types()   # its first import takes seconds: not part of the fetch
         with FileLock(str(self.folder / f"{self.split}.lock")):
             started = time.monotonic()
             stats = FetchStats(self.split)
@@ -211,28 +157,88 @@ class NodeSplit:
             missing = [self.shards[p] for p in wanted if p not in held]
             stats.shards_kept = len(set(wanted) & held)
             self._check_room(state, missing)
-            for batch in _batches(missing, COMMIT_BYTES):
-                state = self._append(state, batch, stats)
+            if missing:
+                state = self._fill(state, missing, stats)
             stats.file_bytes = self.path.stat().st_size if self.path.exists() else 0
+            stats.dead_bytes = state.dead_bytes if state else 0
             stats.seconds = round(time.monotonic() - started, 2)
             return state, stats
 
     def _check_room(self, state: State | None, missing: list[ShardInfo]) -> None:
-        """Refuse before fetching anything when the shards cannot fit (the metadata region is
-        reserved for the whole split, and each commit writes a new allocation table)."""
+        """Refuse before fetching anything when the shards cannot fit: the metadata region is
+        reserved for the whole split, and a fetch that does not fit below the allocation table
+        writes it again after the old one (node_fill.py)."""
         if not missing:
             return
         needed = sum(s.bytes for s in missing)   # each shard's data, metadata and table
         if state is None:   # a new file reserves the metadata of the whole split up front
             needed += HEAD_BYTES + 64 * self.manifest.splits[self.split].samples
+        else:
+            needed += state.logical_end - state.table_ptr
         free = shutil.disk_usage(self.folder).free
         if needed > free:
             raise UserError(f"node cache {self.folder}: needs {needed} bytes for the "
                             f"{self.split} shards of this node, {free} are free; free space or "
                             "set --cache-dir to a larger disk")
 
+    def _fill(self, state: State | None, missing: list[ShardInfo], stats: FetchStats) -> State:
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            layouts = list(pool.map(self._head, missing))
+        first = layouts[0]
+        for shard, lay in zip(missing, layouts):
+            if lay.header["page_size"] != first.header["page_size"] or \
+                    lay.descriptors != first.descriptors:
+                raise UserError(f"{join(self.data_uri, shard.path)}: other fields or page size "
+                                "than the other shards; the dataset was staged inconsistently")
+        if state is not None and (state.page_size != int(first.header["page_size"]) or
+                                  self._digest.descriptors != first.descriptors):
+            raise UserError(f"{self.path}: the cached copy has other fields or another page size "
+                            "than the dataset; delete the node cache folder and try again")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        filler = Filler(FileIO(fd), state, layouts, self.manifest.splits[self.split].samples,
+                        self.split, self._digest)
+        saved = [state]
+
+        def save(new: State) -> None:
+            self._save(new)
+            saved.append(new)
+
+        def stream(batch, lays, targets):
+            # every fetch has stopped writing to fd before it is closed or truncated
+            with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                futures = [pool.submit(self._stream_into, fd, s, lay, t)
+                           for s, lay, t in zip(batch, lays, targets)]
+                try:
+                    return [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+
+        try:
+            try:
+                return fill(filler, missing, layouts, commit_batches(missing, COMMIT_BYTES), stream,
+                            save, stats)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise UserError(f"node cache {self.folder}: the disk filled up while "
+                                    f"fetching the {self.split} shards (needed about "
+                                    f"{sum(s.bytes for s in missing) + filler.room()} bytes); "
+                                    "free space or set --cache-dir to a larger disk") from exc
+                raise
+        except BaseException:
+            self._undo(saved[-1])
+            raise
+        finally:
+            os.close(fd)
+
+    def _save(self, state: State) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(state.to_json())
+        os.replace(tmp, self.state_path)   # last: only now does the file hold these shards
+
     def _head(self, shard: ShardInfo) -> Layout:
-        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
+        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = ffcv_types()
         uri = join(self.data_uri, shard.path)
         head = self.storage.read_bytes(uri, 0, min(HEAD_BYTES, shard.bytes))
         header = np.frombuffer(head[:Header.itemsize], Header)[0].copy()
@@ -242,7 +248,7 @@ class NodeSplit:
         descriptors = head[Header.itemsize:end]
         meta_type = get_metadata_type(list(get_handlers(np.frombuffer(descriptors, FieldDesc))))
         n = int(header["num_samples"])
-        data_start = _align(end + n * meta_type.itemsize, int(header["page_size"]))
+        data_start = align(end + n * meta_type.itemsize, int(header["page_size"]))
         data_end = int(header["alloc_table_ptr"])
         if n != shard.samples or not data_start <= data_end <= shard.bytes:
             raise self._corrupt(shard, "its header does not match the manifest")
@@ -250,7 +256,7 @@ class NodeSplit:
 
     def _corrupt(self, shard: ShardInfo, why: str) -> UserError:
         return UserError(f"{join(self.data_uri, shard.path)}: {why}: the shard is corrupt; re-run "
-                         "`pipeline stage` with the same settings to repair it")
+                         "`pipeline stage` with the same settings and --replace to repair it")
 
     def _stream_into(self, fd: int, shard: ShardInfo, layout: Layout, target: int) -> tuple[bytes, bytes]:
         """One sequential read of the shard: its data pages go to `target` in the node file,
@@ -278,113 +284,6 @@ class NodeSplit:
                                        f"({shard.sha256[:12]}...)")
         return bytes(head), bytes(tail)
 
-    def _append(self, state: State | None, missing: list[ShardInfo], stats: FetchStats) -> State:
-        ALLOC, FieldDesc, Header, get_handlers, get_metadata_type = _ffcv_types()
-        with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            layouts = list(pool.map(self._head, missing))
-        first = layouts[0]
-        page = int(first.header["page_size"])
-        for shard, lay in zip(missing, layouts):
-            if int(lay.header["page_size"]) != page or lay.descriptors != first.descriptors:
-                raise UserError(f"{join(self.data_uri, shard.path)}: other fields or page size "
-                                "than the other shards; the dataset was staged inconsistently")
-        descriptors = first.descriptors
-        meta_type = get_metadata_type(list(get_handlers(np.frombuffer(descriptors, FieldDesc))))
-        capacity = self.manifest.splits[self.split].samples
-        meta_offset = Header.itemsize + len(descriptors)
-
-        if state is None:
-            old_meta, old_table = np.zeros(0, meta_type), np.zeros(0, ALLOC)
-            end = _align(meta_offset + capacity * meta_type.itemsize, page)
-            held: list[Held] = []
-            logical_end = 0
-        else:
-            if state.page_size != page:
-                raise UserError(f"{self.path}: the cached copy has another page size than the "
-                                "dataset; delete the node cache folder and try again")
-            _, _, old_meta, old_table = self._read_structure(state)
-            end = _align(state.logical_end, page)   # after the old table: the old view stays valid
-            held, logical_end = list(state.shards), state.logical_end
-
-        targets, pos = [], end
-        for lay in layouts:
-            targets.append(pos)
-            pos = _align(pos + lay.data_end - lay.data_start, page)
-        table_bytes_new = sum(lay.size - lay.data_end for lay in layouts)
-        needed = pos - max(logical_end, 0) + old_table.nbytes + table_bytes_new
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                def fetch(i):
-                    return self._stream_into(fd, missing[i], layouts[i], targets[i])
-
-                # every fetch has stopped writing to fd before it is closed or truncated
-                with ThreadPoolExecutor(FETCH_THREADS) as pool:
-                    futures = [pool.submit(fetch, i) for i in range(len(missing))]
-                    try:
-                        parts = [f.result() for f in futures]
-                    except BaseException:
-                        for f in futures:
-                            f.cancel()
-                        raise
-                metas, tables = [old_meta], [old_table]
-                count = len(old_meta)
-                for shard, lay, target, (head, tail) in zip(missing, layouts, targets, parts):
-                    shift = target - lay.data_start
-                    meta = np.frombuffer(head[lay.meta_start:lay.meta_start + lay.num_samples *
-                                              meta_type.itemsize], meta_type).copy()
-                    for name in meta_type.names:
-                        if meta_type[name].names and "data_ptr" in meta_type[name].names:
-                            meta[name]["data_ptr"] = (meta[name]["data_ptr"].astype(np.int64)
-                                                      + shift).astype(np.uint64)
-                    table = np.frombuffer(tail, ALLOC).copy()
-                    table["sample_id"] += np.uint64(count)
-                    table["ptr"] = (table["ptr"].astype(np.int64) + shift).astype(np.uint64)
-                    metas.append(meta)
-                    tables.append(table)
-                    held.append(Held(shard.path, shard.sha256, count, lay.num_samples, target,
-                                     target + lay.data_end - lay.data_start))
-                    count += lay.num_samples
-                    stats.shards_fetched += 1
-                    stats.bytes_downloaded += shard.bytes
-                meta_all = np.concatenate(metas).astype(meta_type)
-                table_all = np.concatenate(tables).astype(ALLOC)
-                header = first.header.copy()
-                header["num_samples"] = count
-                header["alloc_table_ptr"] = pos
-                self._pwrite(fd, meta_all.tobytes(), meta_offset)
-                self._pwrite(fd, descriptors, Header.itemsize)
-                self._pwrite(fd, table_all.tobytes(), pos)
-                logical_end = pos + table_all.nbytes
-                os.ftruncate(fd, logical_end)
-                os.fsync(fd)
-                self._pwrite(fd, header.tobytes(), 0)   # the switch to the new view
-                os.fsync(fd)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise UserError(f"node cache {self.folder}: the disk filled up while "
-                                    f"fetching the {self.split} shards (needed about {needed} "
-                                    "bytes); free space or set --cache-dir to a larger disk") from exc
-                raise
-        except BaseException:
-            os.close(fd)
-            self._undo(state)
-            raise
-        os.close(fd)
-        new = State(STATE_VERSION, self.split, capacity, page, count, logical_end,
-                    self._structure(header, descriptors, meta_all, table_all), held)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(new)))
-        os.replace(tmp, self.state_path)   # last: only now does the file hold these shards
-        return new
-
-    @staticmethod
-    def _pwrite(fd: int, data: bytes, offset: int) -> None:
-        view, done = memoryview(data), 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-
     def _undo(self, state: State | None) -> None:
         """After a failed append: back to the last complete state (nothing half-written stays)."""
         if state is None:
@@ -396,18 +295,8 @@ class NodeSplit:
     def held(self) -> set[str]:
         """The shards the state file says this node holds (a hint for placement; ensure() checks
         the file itself)."""
-        state = State.load(self.state_path)
+        try:
+            state = State.load(self.state_path.read_text())
+        except OSError:
+            return set()
         return {s.path for s in state.shards} if state else set()
-
-
-def _batches(shards: list[ShardInfo], limit: int) -> list[list[ShardInfo]]:
-    """Consecutive groups of shards of about `limit` bytes (at least one shard each)."""
-    out: list[list[ShardInfo]] = []
-    size = limit
-    for shard in shards:
-        if size >= limit:
-            out.append([])
-            size = 0
-        out[-1].append(shard)
-        size += shard.bytes
-    return out

@@ -23,8 +23,8 @@ from ..storage import Storage
 from .loaders import Reads
 from .manifest import ShardManifest
 from .node_cache import NodeSplit, cache_root
-from .placement import (Layout, SampleIds, choose_placement, order_style, plan_layout,
-                        size_text, streams)
+from .placement import (Layout, SampleIds, choose_placement, empty_epoch, order_style,
+                        plan_layout, size_text, streams)
 
 NODE_MEMORY_ENV = "PIPELINE_NODE_MEMORY"   # bytes: what the data may count on, when not the RAM
 POLL_SECONDS = 5.0
@@ -72,6 +72,34 @@ def measure_node(node: str, storage: Storage, data_uri: str, manifest: ShardMani
                      held)
 
 
+def pack_held(manifest: ShardManifest, held: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """split -> the manifest positions of the shards held: 4 bytes a shard, not its path."""
+    out = {}
+    for split, paths in held.items():
+        position = {sh.path: i for i, sh in enumerate(manifest.splits[split].shards)}
+        out[split] = np.array(sorted(position[p] for p in paths if p in position), np.uint32)
+    return out
+
+
+def unpack_held(manifest: ShardManifest, packed: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    return {split: [manifest.splits[split].shards[int(i)].path for i in positions]
+            for split, positions in packed.items()}
+
+
+def exchange_facts(mine: NodeFacts, rank: int, manifest: ShardManifest, gather) -> list[NodeFacts]:
+    """Every rank's node facts, in rank order (two collectives). The ranks of a node hold the
+    same cache: only the node's first rank sends what it holds, as shard positions, so a rank
+    receives each node's holdings once, not once per rank of it."""
+    small = gather((mine.node, mine.memory, mine.disk_free))
+    first = {}
+    for r, (node, _, _) in enumerate(small):
+        first.setdefault(node, r)
+    held = gather(pack_held(manifest, mine.held) if first[mine.node] == rank else None)
+    by_node = {node: NodeFacts(node, small[r][1], small[r][2], unpack_held(manifest, held[r]))
+               for node, r in first.items()}
+    return [by_node[node] for node, _, _ in small]
+
+
 @dataclass
 class DataPlan:
     """The decisions of one worker group, the same on every rank."""
@@ -98,11 +126,12 @@ def plan_data(facts: list[NodeFacts], manifest: ShardManifest, placement: str, r
     chosen, why = choose_placement(placement, dataset, [by_node[n].memory for n in nodes],
                                    [by_node[n].disk_free for n in nodes], memory_fraction)
     train = manifest.splits["train"].shards
-    if chosen == "node" and len(train) < len(nodes):
-        raise UserError(f"{len(train)} train shard(s) cannot give each of {len(nodes)} nodes a "
-                        "share: use --placement global, or stage with a smaller --shard-size")
     holdings = {n: set(by_node[n].held.get("train", ())) for n in nodes}
     layout = plan_layout(train, chosen, rank_nodes, seed, global_batch, holdings=holdings)
+    empty = empty_epoch(SampleIds(train), layout, rank_nodes)
+    if empty:   # the driver refuses this before workers start; here the node count is known
+        raise UserError(f"{empty} ({len(nodes)} node(s), {chosen} placement); lower "
+                        "--batch-size or --num-workers")
     size = {s.path: s.bytes for s in train}
     shares = {}
     for g in layout.groups:
@@ -116,13 +145,37 @@ def plan_data(facts: list[NodeFacts], manifest: ShardManifest, placement: str, r
     return DataPlan(chosen, why, layouts, modes, shares)
 
 
-def local_map(ids: SampleIds, state) -> np.ndarray:
+class LocalMap:
+    """global sample id -> its index in the node file (-1 where the node does not hold it),
+    as `local[gids]`. It keeps one entry per shard the node holds, not one per sample of the
+    split: a rank's index arrays are sized to what its node holds."""
+
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, firsts: np.ndarray):
+        order = np.argsort(starts)
+        self.starts, self.ends, self.firsts = starts[order], ends[order], firsts[order]
+
+    def __getitem__(self, gids) -> np.ndarray:
+        gids = np.asarray(gids, np.int64)
+        if not len(self.starts):
+            return np.full(gids.shape, -1, np.int64)
+        i = np.maximum(np.searchsorted(self.starts, gids, side="right") - 1, 0)
+        inside = (gids >= self.starts[i]) & (gids < self.ends[i])
+        return np.where(inside, self.firsts[i] + gids - self.starts[i], -1)
+
+    def file_ids(self) -> np.ndarray:
+        """The inverse: per position in the node file, its global sample id (-1: none)."""
+        out = np.full(int((self.firsts + self.ends - self.starts).max(initial=0)), -1, np.int64)
+        for start, end, first in zip(self.starts, self.ends, self.firsts):
+            out[first:first + end - start] = np.arange(start, end)
+        return out
+
+
+def local_map(ids: SampleIds, state) -> LocalMap:
     """global sample id -> its index in the node file (-1 where the node does not hold it)."""
-    local = np.full(ids.total, -1, np.int64)
-    for held in (state.shards if state else []):
-        start = int(ids.offsets[ids.position[held.path]])
-        local[start:start + held.samples] = np.arange(held.first, held.first + held.samples)
-    return local
+    held = state.shards if state else []
+    starts = np.array([ids.offsets[ids.position[h.path]] for h in held], np.int64)
+    return LocalMap(starts, starts + np.array([h.samples for h in held], np.int64),
+                    np.array([h.first for h in held], np.int64))
 
 
 @dataclass
@@ -178,7 +231,8 @@ def prepare(storage: Storage, data_uri: str, manifest: ShardManifest, loader_set
     """The whole of it, for one rank: (reads per split, plan, facts by node, what this node
     fetched). `gather(value)` returns every rank's value in rank order."""
     s = loader_settings
-    facts = gather(measure_node(node, storage, data_uri, manifest, s.cache_dir))
+    facts = exchange_facts(measure_node(node, storage, data_uri, manifest, s.cache_dir), rank,
+                           manifest, gather)
     plan = plan_data(facts, manifest, s.placement, s.read_mode, s.memory_fraction, seed,
                      global_batch)
     states, fetched = fetch_while_waiting(storage, data_uri, manifest, plan, rank, node,

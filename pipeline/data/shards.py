@@ -196,4 +196,4 @@ def stage_shard(plan: ShardPlan, source_uri: str, dest: str, writer: WriterSetti
             record["sha256"] = sha256_file(local)
             storage.upload_file(local, join(dest, plan.path))
     storage.write_bytes(join(dest, plan.record_path), json.dumps(record).encode())
-    return {"record": record, "written": True}
+    return {"record": record, "written": True, "source_gets": source.requests["get"]}

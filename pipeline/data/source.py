@@ -61,6 +61,9 @@ class Source:
     bytes: int = 0         # the source's files, all together
     bytes_read: int = 0    # read from the source to find the images and labels
     listing_seconds: float = 0.0
+    gets: int = 0          # reads made to find them (tar headers, label files)
+    lists: int = 0         # listing pages (1,000 files each on S3)
+    files: dict = field(default_factory=dict)   # archives: path -> [size, ETag or mtime]
 
 
 def listing_digest(entries) -> str:
@@ -112,12 +115,13 @@ def detect_layout(files: Iterable[str]) -> str | None:
 
 def discover(storage: Storage, uri: str, layout: str | None = None,
              splits: Iterable[str] = SPLITS, run_parallel: Callable | None = None,
-             progress: bool = False) -> Source:
+             progress: bool = False, parallel: int | Callable[[], int] = 1) -> Source:
     """List SRC, recognise its layout and return every image with its label.
 
     run_parallel(fn, items) yields fn(item) for each item, in any order: the caller's way of
     listing many per-class tars at once (Ray tasks); by default they are listed here. progress:
-    say how listing the archives goes (class tars listed, bytes read, rate)."""
+    say how listing the archives goes (class tars listed, bytes read, rate). parallel: how many
+    jobs run_parallel runs at once (they share S3's per-prefix request rate)."""
     started = time.monotonic()
     splits = list(splits)
     for s in splits:
@@ -128,7 +132,8 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
         import os
         if not os.path.exists(uri):
             raise UserError(f"source {uri} does not exist")
-    entries = list(storage.list_detailed(uri))
+    pages = storage.tally()
+    entries = list(pages.list_detailed(uri))
     files = {rel: size for rel, size, _ in entries}
     if not files:
         raise UserError(f"source {uri} is empty: expected ImageNet in one of the layouts "
@@ -145,12 +150,16 @@ def discover(storage: Storage, uri: str, layout: str | None = None,
 
     tally = storage.tally()   # what is read from the source, counted where it is read
     if layout == "tars":
-        source = _discover_tars(tally, uri, files, splits, run_parallel, progress)
+        source = _discover_tars(tally, uri, files, splits, run_parallel, progress, parallel)
+        # a handful of archives: a re-run checks them one HEAD each (stage.py)
+        source.files = {rel: [size, version] for rel, size, version in entries}
     else:
         source = _discover_files(tally, uri, files, splits, layout)
     source.listing = listing_digest(entries)
     source.bytes = sum(files.values())
     source.bytes_read += tally.bytes_read
+    source.gets += tally.requests["get"]
+    source.lists = pages.requests["list"]
     source.listing_seconds = time.monotonic() - started
     return source
 
@@ -273,8 +282,9 @@ def _has_val_labels(files) -> bool:
         f"{DEVKIT}/{GROUND_TRUTH}" in files
 
 
-def _discover_tars(storage, uri, files, splits, run_parallel, progress) -> Source:
+def _discover_tars(storage, uri, files, splits, run_parallel, progress, parallel=1) -> Source:
     from ..progress import Progress
+    from ..storage import PREFIX_GETS_PER_S
     from .archives import list_tar, list_tars
 
     if TRAIN_TAR not in files:
@@ -291,7 +301,7 @@ def _discover_tars(storage, uri, files, splits, run_parallel, progress) -> Sourc
         raise UserError(f"source {uri}: {TRAIN_TAR} holds no per-class .tar files")
     classes = sorted(name[:-4].rsplit("/", 1)[-1] for name, _, _ in class_tars)
     source = Source(uri, "tars", classes, _names(storage, uri, files), {}, list(outer.skipped),
-                    bytes_read=outer.bytes_read)
+                    bytes_read=outer.bytes_read, gets=outer.gets)
 
     tars = []
     if "train" in splits:
@@ -310,9 +320,12 @@ def _discover_tars(storage, uri, files, splits, run_parallel, progress) -> Sourc
             bar.update(**{"val tar" if where == VAL_TAR else "class tars": 1})
 
     listings = {}
+    jobs = parallel() if callable(parallel) else parallel
     try:
-        for got in list_tars(storage, uri, tars, run_parallel, listed, hint=_swallow_hint):
+        for got in list_tars(storage, uri, tars, run_parallel, listed, hint=_swallow_hint,
+                             gets_per_s=PREFIX_GETS_PER_S / max(1, jobs)):
             listings[got.where] = got
+            source.gets += got.gets
     finally:
         if bar:
             bar.close()

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import StageConfig
 from ..errors import UserError
@@ -28,6 +31,11 @@ class StageResult:
     source_bytes: int = 0        # the source's files, all together
     source_bytes_read: int = 0   # read from the source by this run: listing + images
     listing_seconds: float = 0.0
+    listing_gets: int = 0        # reads of the source to list it (tar headers, label files)
+    source_gets: int = 0         # all reads of the source: listing + images
+    source_heads: int = 0        # size/ETag checks of the source's files
+    source_lists: int = 0        # listing pages of the source (1,000 files each on S3)
+    already_staged: bool = False  # the source and settings are those of the manifest: no work
 
     def summary(self) -> dict:
         return {"shards_written": self.shards_written, "shards_reused": self.shards_reused,
@@ -39,7 +47,10 @@ class StageResult:
                 "listing_seconds": round(self.listing_seconds, 2),
                 "source_bytes": self.source_bytes, "source_bytes_read": self.source_bytes_read,
                 "source_read_ratio": round(self.source_bytes_read / self.source_bytes, 4)
-                if self.source_bytes else None}
+                if self.source_bytes else None,
+                "listing_gets": self.listing_gets, "source_gets": self.source_gets,
+                "source_heads": self.source_heads, "source_lists": self.source_lists,
+                "already_staged": self.already_staged}
 
 
 def _ray_imap(fn, items, ray_address=None):
@@ -50,12 +61,58 @@ def _ray_imap(fn, items, ray_address=None):
     connect(ray_address)
     task = ray.remote(num_cpus=1)(fn)
     todo, pending = list(items), []
-    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    in_flight = _listing_jobs(ray_address)
     while todo or pending:
         while todo and len(pending) < in_flight:
             pending.append(task.remote(todo.pop(0)))
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
+
+
+def _listing_jobs(ray_address=None) -> int:
+    """Listing jobs in flight at once: a few per CPU, since listing waits on reads."""
+    import ray
+
+    connect(ray_address)
+    return 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def already_staged(storage: Storage, cfg, source_uri: str, dest_uri: str) -> StageResult | None:
+    """The result of a stage with nothing to do, found without listing the source, or None
+    when there may be something to do: dest's manifest was made from this source with these
+    settings, and every archive it names still has its size and ETag (one HEAD each; a local
+    file its size and mtime), and every shard is there at its size. A source of loose files is compared by one listing of its folder
+    (pages of 1,000 files, no reads)."""
+    from .source import listing_digest
+
+    if storage.size(join(dest_uri, MANIFEST)) is None:
+        return None
+    try:
+        manifest = read_manifest(storage, dest_uri)
+    except UserError:
+        return None   # the full path says what is wrong with it
+    src = manifest.source
+    if (src.get("uri") != source_uri or manifest.writer != cfg.writer
+            or src.get("shard_size") != cfg.shard_size or set(manifest.splits) != set(cfg.splits)
+            or cfg.layout not in ("auto", src.get("layout"))):
+        return None
+    probe = storage.tally()
+    if src.get("files"):
+        for rel, (size, version) in sorted(src["files"].items()):
+            if probe.stat(join(source_uri, rel)) != (size, version):
+                return None
+    elif listing_digest(probe.list_detailed(source_uri)) != src.get("listing_sha256"):
+        return None
+    # a shard gone or cut short is redone by the full path (one HEAD each, on dest); one of the
+    # right size but other bytes only a full check finds (--replace)
+    shards = [s for split in manifest.splits.values() for s in split.shards]
+    with ThreadPoolExecutor(16) as pool:
+        sizes = list(pool.map(lambda s: storage.size(join(dest_uri, s.path)), shards))
+    if any(size != s.bytes for size, s in zip(sizes, shards)):
+        return None
+    return StageResult(manifest, shards_reused=len(shards), source_bytes=src.get("bytes", 0),
+                       source_gets=probe.requests["get"], source_heads=probe.requests["head"],
+                       source_lists=probe.requests["list"], already_staged=True)
 
 
 def _stage_shard_task(*args):
@@ -65,6 +122,21 @@ def _stage_shard_task(*args):
 
 
 LEASE = ".lease.json"
+HOLD_ENV = "PIPELINE_TEST_STAGE_HOLD"
+
+
+def _maybe_hold(written: int) -> None:
+    """Test hook: "N:FILE" holds the driver, once this run has written N shards, until FILE
+    exists (at most 10 min; FILE.held says it is waiting), so a test can interrupt a stage at a
+    known shard however fast the machine. With --workers 1 nothing is in flight meanwhile."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec or int(spec.split(":", 1)[0]) != written:
+        return
+    path = spec.split(":", 1)[1]
+    Path(path + ".held").touch()
+    deadline = time.monotonic() + 600
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | None = None,
@@ -89,11 +161,18 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
     import ray
 
     started = time.monotonic()
+    if not cfg.replace:
+        done = already_staged(storage, cfg, source_uri, dest_uri)
+        if done is not None:
+            say(f"[stage] {dest_uri} already holds this source, staged with these settings, and "
+                "the source is unchanged: nothing to do (--replace checks every shard again)")
+            done.seconds = time.monotonic() - started
+            return done
     layout = None if cfg.layout == "auto" else cfg.layout
     writer = cfg.writer
     source = discover(storage, source_uri, layout, cfg.splits,
                       run_parallel=functools.partial(_ray_imap, ray_address=ray_address),
-                      progress=progress)
+                      progress=progress, parallel=functools.partial(_listing_jobs, ray_address))
     plans = plan_shards(source, writer, cfg.shard_size)
     digest = plan_digest(plans, source.classes)
     manifest_uri = join(dest_uri, MANIFEST)
@@ -125,7 +204,8 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
     results: dict[str, dict] = {}
     result = StageResult(manifest=None, source_bytes=source.bytes,  # type: ignore[arg-type]
                          source_bytes_read=source.bytes_read,
-                         listing_seconds=source.listing_seconds)
+                         listing_seconds=source.listing_seconds, listing_gets=source.gets,
+                         source_gets=source.gets, source_lists=source.lists)
     bar = Progress("stage", {"shards": len(plans),
                              "files": sum(len(p.images) for p in plans)}) if progress else None
     try:
@@ -146,10 +226,13 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
                     result.shards_written += 1
                     result.images += out["record"]["samples"]
                     result.source_bytes_read += out["record"]["source_bytes"]
+                    result.source_gets += out.get("source_gets", 0)
                 else:
                     result.shards_reused += 1
                 if bar:
                     bar.update(shards=1, files=len(p.images))
+                if out["written"]:
+                    _maybe_hold(result.shards_written)
     finally:
         # Shard tasks still in flight are not cancelled: ray.cancel racing a task that is just
         # finishing crashes the driver inside Ray (task_manager.cc "Tried to complete task that
@@ -219,5 +302,6 @@ def build_manifest(source, plans, records, writer, digest, shard_size) -> ShardM
                  for i, w in enumerate(source.classes)],
         splits=splits, writer=writer,
         source={"uri": source.uri, "layout": source.layout, "listing_sha256": source.listing,
-                "shard_size": shard_size, **_bytes_read(source, plans, records)},
+                "shard_size": shard_size, **_bytes_read(source, plans, records),
+                **({"files": source.files} if source.files else {})},
         skipped=sorted(skipped, key=lambda s: s["path"]), plan=digest)

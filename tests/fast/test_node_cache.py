@@ -1,6 +1,9 @@
-"""A node's file: only its shards, fetched straight into place, checked, grown in place."""
+"""A node's file: only its shards, fetched straight into place, checked, grown in place; filling it
+costs about its shards' data (commits write their own rows, not all rows so far) and leaves no dead
+byte the room check does not count."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -10,6 +13,7 @@ from pipeline.config import WriterSettings
 from pipeline.data.manifest import ClassInfo, ShardInfo, ShardManifest, SplitInfo
 from pipeline.data import node_cache
 from pipeline.data.node_cache import NodeSplit
+from pipeline.data.node_fill import Digest, State, digest_v1, fill_overhead
 from pipeline.data.node_data import local_map
 from pipeline.data.placement import SampleIds
 from pipeline.data.shards import write_beton
@@ -189,3 +193,78 @@ def test_the_cache_folder_is_private(tmp_path):
     inside.chmod(0o777)                   # someone opened it up: refused, not used
     with pytest.raises(UserError, match="can be written by others"):
         cache_root(str(shared))
+
+
+IMAGENET_BYTES, IMAGENET_TRAIN = 543 * 10**9, 1_281_167   # FFCV's published ImageNet .beton
+
+
+def test_a_cold_node_fills_543_gb_with_at_most_2_percent_overhead_and_nothing_dead():
+    got = fill_overhead(IMAGENET_BYTES, IMAGENET_TRAIN, commit_bytes=1 << 30,
+                        disk_bytes_per_s=1e9, download_bytes_per_s=1e9)
+    assert got["shards"] == 1252 and got["commits"] == 418
+    assert got["dead_bytes"] == 0 and got["bytes_read_back"] == 0
+    assert got["bytes_rewritten"] <= got["commits"] * 64    # the header, once per commit
+    assert got["overhead_pct"] <= 2.0, got
+    # beyond the data: the rows, written once, and each shard's data rounded up to a page
+    assert got["file_bytes"] - got["data_bytes"] <= (2 * 24 * IMAGENET_TRAIN
+                                                     + (got["shards"] + 2) * (1 << 21))
+
+
+def test_a_later_fetch_that_does_not_fit_moves_the_table_once_and_counts_it(dataset, tmp_path):
+    root, manifest = dataset
+    paths = [s.path for s in manifest.splits["train"].shards]
+    node = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
+    first, _ = node.ensure(paths[:2])
+    assert first.dead_bytes == 0 and first.logical_end == node.path.stat().st_size
+    old_table = first.logical_end - first.table_ptr
+    state, stats = node.ensure(paths[:5])
+    # the old table (the data ends on it) is all that is dead, and the state says so
+    assert state.dead_bytes == stats.dead_bytes == old_table
+    assert state.table_ptr > first.logical_end
+    assert sorted(labels(node.path).tolist()) == list(range(sum(7 + i for i in range(5))))
+
+
+def test_a_resumed_fetch_fills_the_room_below_its_table(dataset, tmp_path, monkeypatch):
+    """A fetch killed after its first commit resumes into the room it planned: no second table."""
+    import errno
+
+    from pipeline.data import node_cache
+
+    root, manifest = dataset
+    paths = [s.path for s in manifest.splits["train"].shards]
+    monkeypatch.setattr(node_cache, "COMMIT_BYTES", 1)
+    node = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
+    real = NodeSplit._stream_into
+
+    def dies_on_the_third(self, fd, shard, layout, target):
+        if shard.path == paths[2]:
+            raise OSError(errno.EIO, "connection lost")
+        return real(self, fd, shard, layout, target)
+
+    monkeypatch.setattr(NodeSplit, "_stream_into", dies_on_the_third)
+    try:
+        node.ensure(paths)
+    except OSError:
+        pass
+    monkeypatch.setattr(NodeSplit, "_stream_into", real)
+    kept = node.current()
+    state, stats = node.ensure(paths)
+    assert stats.shards_kept == 2 and state.table_ptr == kept.table_ptr and state.dead_bytes == 0
+    assert sorted(labels(node.path).tolist()) == list(range(sum(7 + i for i in range(6))))
+
+
+def test_a_cache_of_the_previous_state_version_is_kept(dataset, tmp_path):
+    """Version 1 states hashed the whole metadata and table: read as they are, not refetched."""
+    root, manifest = dataset
+    paths = [s.path for s in manifest.splits["train"].shards]
+    node = NodeSplit(Storage(), root, manifest, "train", str(tmp_path / "cache"))
+    state, _ = node.ensure(paths[:3])
+    header, descriptors, meta, table = node._read_structure(state)
+    raw = json.loads(node.state_path.read_text())
+    raw.update(version=1, structure_sha256=digest_v1(header, descriptors, meta, table))
+    del raw["table_ptr"], raw["dead_bytes"]
+    node.state_path.write_text(json.dumps(raw))
+    assert node.current() is not None
+    state, stats = node.ensure(paths[:4])
+    assert (stats.shards_kept, stats.shards_fetched, state.version) == (3, 1, 2)
+    assert Digest(descriptors).descriptors == descriptors and State.load("{") is None
