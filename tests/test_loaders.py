@@ -25,6 +25,7 @@ def test_scaled_decode_matches_full_decode(tmp_path):
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 
     from pipeline.data.loaders import scaled_crop_decoder
+    from pipeline.data.views import view
 
     yy, xx = np.mgrid[0:600, 0:800].astype(np.float32)
     images = [np.stack([xx / 800 * 255, yy / 600 * 255, np.full_like(xx, 40.0 * k)], -1)
@@ -39,6 +40,10 @@ def test_scaled_decode_matches_full_decode(tmp_path):
     reference = RandomResizedCropRGBImageDecoder((64, 64), **whole)
     a, b = _decode_all(path, ours), _decode_all(path, reference)
     assert a.shape == b.shape == (6, 64, 64, 3)
+    # ours also flips, each sample as its view says (seed 0, epoch 0, ids = file positions)
+    flips = [view(0, 0, k, 600, 800, 1.0, 1.0, 800 / 600, 800 / 600)[4] for k in range(6)]
+    assert 0 < sum(flips) < 6, flips   # both kinds of sample are compared
+    b = np.stack([img[:, ::-1] if f else img for img, f in zip(b, flips)])
     assert np.abs(a - b).mean() < 2.0 and np.abs(a - b).max() < 24
 
 
@@ -110,3 +115,54 @@ def test_stream_mode_reads_every_sample_once_through_the_process_cache(tmp_path)
         assert len(epoch) == n // 2
         seen += epoch
     assert sorted(seen) == list(range(n))   # both parts together: each sample once
+
+
+def test_crops_and_flips_are_the_same_whatever_the_process_threads_rank_or_world(tmp_path):
+    """Each sample's pixels are a pure function of (seed, epoch, sample id): two processes with
+    other thread counts and world sizes decode the same images, and they are the crop and flip
+    its views row says (raw samples: exactly cv2's INTER_AREA resize of that rectangle)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cv2
+
+    rng = np.random.default_rng(4)
+    n = 48
+    images = [rng.integers(0, 255, (int(rng.integers(20, 64)), int(rng.integers(20, 64)), 3),
+                           dtype=np.uint8) for _ in range(n)]
+    kinds = (("raw", 0.0), ("jpg", 1.0))
+    for kind, jpeg in kinds:
+        write_beton(tmp_path / f"{kind}.beton", images, list(range(n)),
+                    WriterSettings(max_resolution=64, compress_probability=jpeg), seed=0)
+    configs = [(1, 0, 1, 2), (2, 0, 2, 2), (2, 1, 2, 2), (1, 0, 1, 3)]
+    for config in configs:   # a process per config, reading both files
+        subprocess.run([sys.executable, str(Path(__file__).parent / "loader_pixels.py"),
+                        ",".join(str(tmp_path / f"{kind}.beton") for kind, _ in kinds),
+                        *map(str, config),
+                        ",".join(str(tmp_path / f"{kind}-{'-'.join(map(str, config))}.npz")
+                                 for kind, _ in kinds)], check=True, timeout=600)
+    for kind, _ in kinds:
+        runs = {}
+        for config in configs:
+            got = np.load(tmp_path / f"{kind}-{'-'.join(map(str, config))}.npz")
+            runs[config] = {
+                int(g): (im, v) for g, im, v in zip(got["gids"], got["images"], got["views"])}
+        alone = runs[1, 0, 1, 2]
+        shared = {**runs[2, 0, 2, 2], **runs[2, 1, 2, 2]}
+        common = set(alone) & set(shared)
+        assert len(common) >= n - 8
+        for g in common:
+            assert np.array_equal(alone[g][1], shared[g][1]), g
+            assert np.array_equal(alone[g][0], shared[g][0]), (kind, g)
+        later = runs[1, 0, 1, 3]
+        assert sum(not np.array_equal(alone[g][1], later[g][1])
+                   for g in set(alone) & set(later)) > len(common) // 2   # a new view each epoch
+        flips = [int(v[4]) for _, v in alone.values()]
+        assert 0 < sum(flips) < len(flips)
+        if kind == "raw":
+            for g, (pixels, (y, x, h, w, flip)) in alone.items():
+                want = cv2.resize(images[g][y:y + h, x:x + w], (24, 24),
+                                  interpolation=cv2.INTER_AREA)
+                want = want[:, ::-1] if flip else want
+                assert np.abs(pixels.astype(int) - want).max() <= 1, g

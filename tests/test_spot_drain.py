@@ -11,6 +11,7 @@ import time
 
 import pytest
 from helpers import PIPELINE, run_cli, wait_for
+from ray_internals import died_of_preemption_drain, draining_nodes
 
 from pipeline.ops.spot_agent import ms_iso
 
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.slow   # a Ray cluster
 def test_notice_drains_the_node_with_its_deadline_and_prestop_drains_and_waits(fake_metadata):
     import ray
     from ray.cluster_utils import Cluster
-    from ray.core.generated import common_pb2, gcs_pb2
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     agent = None
@@ -60,7 +60,7 @@ def test_notice_drains_the_node_with_its_deadline_and_prestop_drains_and_waits(f
         fake_metadata.notice = json.dumps({"action": "terminate", "time": ms_iso(deadline_ms)})
         assert agent.wait(timeout=60) == 0
         reader.join(10)
-        assert ray._private.state.state.get_draining_nodes() == {busy.node_id: deadline_ms}
+        assert draining_nodes() == {busy.node_id: deadline_ms}
         assert len(lines) == 2 and lines[0].startswith("[spot] watching"), lines
         assert lines[1].strip().startswith(f"[spot] aws notice: terminate at {ms_iso(deadline_ms)}; "
                                            f"drained Ray node {busy.node_id} with that deadline"), lines
@@ -70,10 +70,7 @@ def test_notice_drains_the_node_with_its_deadline_and_prestop_drains_and_waits(f
                       "--address", cluster.address, timeout=120)
         assert f"drained Ray node {idle.node_id} with a deadline 60 s away" in out.stdout
         assert f"Ray node {idle.node_id} finished draining" in out.stdout
-        gcs = ray._raylet.GcsClient(address=cluster.address)
-        info = next(i for n, i in gcs.get_all_node_info(timeout=10).items() if n.hex() == idle.node_id)
-        assert info.state == gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD
-        assert info.death_info.reason == common_pb2.NodeDeathInfo.Reason.AUTOSCALER_DRAIN_PREEMPTED
+        assert died_of_preemption_drain(cluster.address, idle.node_id)
     finally:
         if agent and agent.poll() is None:
             agent.kill()

@@ -6,8 +6,9 @@ checkpoint every few steps) on a new Ray cluster of this machine (ray.cluster_ut
 per worker. In epoch 2 one node goes: with a notice (drained with a deadline, as the spot agent
 does on a cloud's notice, and removed at the deadline) or without one (removed at once, as a
 node that just dies). The figures come from the run's own summary.json:
-- steps lost: trained but not kept (goal: 0 with a notice, at most one checkpoint interval
-  without),
+- steps lost: trained but not kept, counted from the steps the group completed (each node's
+  record of its last step, run_events.Reached), not from its checkpoints (goal: 0 with a
+  notice; without one, the steps since the last checkpoint: less than one interval),
 - seconds from the notice (or the death) to the first step after the resume, and of them the
   seconds from the group's stop (the deadline, or the death) to that step,
 - where the run resumed and on how many workers.

@@ -34,11 +34,11 @@ def keep_keys_out_of_trials() -> None:
     credentials (the cluster's), so the copy only leaks them: take the keys off Tune's list."""
     from ray.tune.execution import class_cache
 
-    from ..training.trainer import FAULT_ENV
+    from ..training.trainer import FAULT_ENV, HOLD_ENV
 
     class_cache.ENV_VARS_TO_PROPAGATE -= CREDENTIALS
     # the tests' fault injection reaches a trial's workers as it reaches a run's (worker_env)
-    class_cache.ENV_VARS_TO_PROPAGATE |= {FAULT_ENV, JOB_ID_ENV}
+    class_cache.ENV_VARS_TO_PROPAGATE |= {FAULT_ENV, HOLD_ENV, JOB_ID_ENV}
     # Ray tells a job's id to its driver only: the trials' runs get it from here (lineage tag)
     job = submitted_job_id(os.environ)
     if job:
@@ -48,13 +48,21 @@ def keep_keys_out_of_trials() -> None:
 def epoch_reports_to_tune():
     """TuneReportCallback for the reports at an epoch's end only: a checkpoint taken inside an
     epoch (a preemption notice, checkpoint_every in steps or minutes) has no validation score,
-    and ASHA compares trials by epoch."""
+    and ASHA compares trials by epoch. Each epoch once: with checkpoint_every N > 1 epochs a
+    worker group restarted from an earlier epoch's checkpoint trains (and reports) epochs that
+    Tune already has; ASHA keeps the first score of a rung anyway, the repeat would only
+    duplicate the trial's rows."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReports(TuneReportCallback):
+        reported = 0
+
         def after_report(self, run_context, metrics, checkpoint):
-            if not metrics[0].get("mid_epoch"):
-                super().after_report(run_context, metrics, checkpoint)
+            epoch = int(metrics[0].get("epoch") or 0)
+            if metrics[0].get("mid_epoch") or (epoch and epoch <= self.reported):
+                return
+            self.reported = max(self.reported, epoch)
+            super().after_report(run_context, metrics, checkpoint)
 
     return EpochReports()
 

@@ -1,8 +1,10 @@
 """The checkpoint format, and the only code that reads or writes it.
 
 A checkpoint is a folder: `checkpoint.pt` (tensors and plain values only: weights, optimizer and
-scaler state, epoch, each rank's RNG state) and `meta.json` (what a reader needs without torch:
-arch, classes, preprocessing, metrics, lineage). It is loaded with `torch.load(weights_only=True)`,
+scaler state, epoch, the world size that wrote it), `meta.json` (what a reader needs without
+torch: arch, classes, preprocessing, metrics, lineage) and one `rng-RANK.pt` per rank, written by
+that rank (its RNG state: nothing of it travels between ranks, and checkpoint.pt is the same size
+on 8 ranks and on 2,048). It is loaded with `torch.load(weights_only=True)`,
 so a file that holds pickled objects (anyone who can write the runs bucket could plant one) is
 refused in words instead of running code on every node and in `predict`.
 """
@@ -23,6 +25,10 @@ from ..storage import Storage, join
 
 CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
 
 
 # -- RNG state as plain values ---------------------------------------------------------------------
@@ -69,17 +75,46 @@ def load_state(data: bytes | str | Path, where: str) -> dict:
 
 
 def save(folder: str | Path, *, model: dict, optimizer: dict, scaler: dict, epoch: int,
-         rng: list[dict], meta: dict, cursor: dict | None = None,
-         epoch_samples: list[dict] | None = None) -> None:
+         meta: dict, cursor: dict | None = None, epoch_samples: list[dict] | None = None,
+         world_size: int = 0, rng: list[dict] | None = None) -> None:
     """Write a checkpoint folder: `epoch` epochs are complete; `cursor` (placement.Cursor as a
     dict) says where the epoch in progress stands when the checkpoint is taken inside it;
-    `rng` holds every rank's RNG state, in rank order; `epoch_samples` what each completed epoch
-    read (count and digest)."""
+    `epoch_samples` what each completed epoch read (count and digest); `world_size` the ranks
+    that each write their RNG state beside it (save_rng). `rng` (every rank's state in one list,
+    as checkpoints before per-rank files held them) only for a caller without ranks."""
+    weights = os.path.join(folder, CHECKPOINT_FILE)
     torch.save({"model": model, "optimizer": optimizer, "scaler": scaler, "epoch": epoch,
-                "rng": rng, "cursor": json.dumps(cursor) if cursor else "",
-                "epoch_samples": json.dumps(epoch_samples or [])},
-               os.path.join(folder, CHECKPOINT_FILE))
+                "world_size": world_size, **({"rng": rng} if rng else {}),
+                "cursor": json.dumps(cursor) if cursor else "",
+                "epoch_samples": json.dumps(epoch_samples or [])}, weights)
+    # the weights file's size: a copy cut short (Ray copies straight to the final name on a
+    # local or NFS path; a node killed mid-copy) is then told from a complete one (complete)
+    meta = {**meta, "checkpoint_bytes": os.path.getsize(weights)}
     Path(folder, META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def save_rng(folder: str | Path, rank: int, state: dict) -> None:
+    """This rank's RNG state, in its own file of the checkpoint folder."""
+    torch.save(state, os.path.join(folder, rng_file(rank)))
+
+
+def load_rng(storage: Storage, uri: str, state: dict, rank: int, world: int) -> dict | None:
+    """This rank's RNG state from the checkpoint at `uri` (whose checkpoint.pt is `state`), or
+    None where it has none for it: written by another world size (a resized run re-seeds each
+    rank), or its file is missing. Older checkpoints held every rank's in checkpoint.pt."""
+    every = state.get("rng") or []
+    if every:
+        return every[rank] if len(every) == world else None
+    if int(state.get("world_size") or 0) != world:
+        return None
+    path = join(uri, rng_file(rank))
+    if storage.size(path) is None:
+        return None
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu",
+                          weights_only=True)
+    except Exception:   # a damaged RNG file costs the rank its exact random stream, no more
+        return None
 
 
 def read_meta(storage: Storage, uri: str) -> dict:
@@ -94,8 +129,20 @@ def load(storage: Storage, uri: str) -> tuple[dict, dict]:
     if storage.size(join(uri, META_FILE)) is None or storage.size(join(uri, CHECKPOINT_FILE)) is None:
         raise UserError(f"{uri}: not a checkpoint folder ({META_FILE} and {CHECKPOINT_FILE} "
                         "expected there)")
+    meta = read_meta(storage, uri)
+    if not complete(meta, storage.size(join(uri, CHECKPOINT_FILE))):
+        raise UserError(f"{join(uri, CHECKPOINT_FILE)}: {storage.size(join(uri, CHECKPOINT_FILE))} "
+                        f"bytes where its {META_FILE} says {meta['checkpoint_bytes']}: a copy cut "
+                        "short; use another checkpoint of the run")
     state = load_state(storage.read_bytes(join(uri, CHECKPOINT_FILE)), join(uri, CHECKPOINT_FILE))
-    return read_meta(storage, uri), state
+    return meta, state
+
+
+def complete(meta: dict, weights_bytes: int | None) -> bool:
+    """Whether a checkpoint's weights file has the size its meta recorded (checkpoints written
+    before that was recorded are taken as they are)."""
+    want = meta.get("checkpoint_bytes")
+    return bool(weights_bytes) and (want is None or int(want) == weights_bytes)
 
 
 def position(meta: dict) -> tuple[int, int]:
@@ -105,29 +152,33 @@ def position(meta: dict) -> tuple[int, int]:
 
 def furthest(storage: Storage, run_dir: str, given: str | None) -> str | None:
     """The checkpoint folder of this run to resume from: the furthest complete one (its meta
-    and its weights file there) among `given` (the latest Ray recorded) and those on storage.
+    and its weights file there, of the size the meta recorded) among `given` (the latest Ray recorded) and those on storage.
     A checkpoint is on storage once its report returned, but Ray records it only when its
     controller next hears from every worker: a node that dies in between would otherwise cost
     the steps since the checkpoint before."""
-    folders: dict[str, set[str]] = {}
+    folders: dict[str, dict[str, int]] = {}
     for rel, size in storage.list(run_dir):
         folder, _, name = rel.rpartition("/")
         if size and name in (META_FILE, CHECKPOINT_FILE) and "/" not in folder:
-            folders.setdefault(folder, set()).add(name)
+            folders.setdefault(folder, {})[name] = size
     best, where = None, None
-    for folder, names in folders.items():
-        if names != {META_FILE, CHECKPOINT_FILE}:
+    for folder, sizes in folders.items():
+        if set(sizes) != {META_FILE, CHECKPOINT_FILE}:
             continue
         uri = join(run_dir, folder)
         try:
-            at = position(read_meta(storage, uri))
+            meta = read_meta(storage, uri)
         except (UserError, OSError):
             continue
-        if best is None or at > best:
-            best, where = at, uri
+        if not complete(meta, sizes[CHECKPOINT_FILE]):   # torn: the one before it is kept
+            continue
+        if best is None or position(meta) > best:
+            best, where = position(meta), uri
     if given is not None:
         try:
-            if best is None or position(read_meta(storage, given)) >= best:
+            meta = read_meta(storage, given)
+            if complete(meta, storage.size(join(given, CHECKPOINT_FILE))) and \
+                    (best is None or position(meta) >= best):
                 return given
         except (UserError, OSError):
             pass

@@ -10,6 +10,10 @@ def worker_bundle(resources: Resources) -> dict[str, float]:
     bundle = {"CPU": float(resources.cpus_per_worker), **resources.worker_resources}
     if resources.gpus_per_worker:
         bundle["GPU"] = resources.gpus_per_worker
+        if resources.accelerator_type not in ("", "any"):
+            # as ScalingConfig(accelerator_type=...) asks for it (ray.air.config): a sliver of
+            # the resource every node with such GPUs has, so workers_that_fit counts those alone
+            bundle[f"accelerator_type:{resources.accelerator_type}"] = 0.001
     return bundle
 
 
@@ -48,19 +52,31 @@ def check_capacity(cfg: TrainConfig, say=print) -> list[str]:
     return nodes
 
 
+def batch_refusal(train_samples: int, batch_size: int, workers: int) -> str | None:
+    """Why no epoch could have a step, in one line with the figures: the global batch (a
+    constant of the run: batch_size x the most workers) is larger than the split. Every
+    placement gives each node a share in proportion to its part of the global batch, so this is
+    also the case where a node's share is smaller than its part of one global batch."""
+    global_batch = batch_size * workers
+    if train_samples >= global_batch:
+        return None
+    return (f"--batch-size {batch_size} on {workers} worker(s) is a global batch of "
+            f"{global_batch} images, and the {train_samples} training images are fewer than one "
+            f"batch: an epoch would have 0 steps (each worker's share, {train_samples // workers} "
+            f"images, is under its {batch_size} per step); lower --batch-size or --num-workers")
+
+
 def check_data(storage: Storage, cfg: TrainConfig, manifest) -> None:
-    """What can be checked before any worker starts: every shard is there with its size, and
-    each worker gets at least one batch. (Contents are checked by sha256 as nodes fetch them.)"""
+    """What can be checked before any worker starts: an epoch has at least one step, and every
+    shard is there with its size. (Contents are checked by sha256 as nodes fetch them.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..storage import join
 
-    lo, _ = cfg.workers_range
-    train = manifest.splits["train"].samples
-    if train // lo < cfg.recipe.batch_size:
-        raise UserError(f"--batch-size {cfg.recipe.batch_size}: {train} training images give each "
-                        f"of {lo} workers {train // lo}, fewer than one batch; lower --batch-size "
-                        "or --num-workers")
+    refusal = batch_refusal(manifest.splits["train"].samples, cfg.recipe.batch_size,
+                            cfg.workers_range[1])
+    if refusal:
+        raise UserError(refusal)
     shards = [s for split in manifest.splits.values() for s in split.shards]
 
     def size(shard):

@@ -51,13 +51,33 @@ class Notice:
 
 
 def final_checkpoint_due(now: float, deadline: float | None, checkpoint_s: float,
-                         step_s: float, control_every: int) -> bool:
+                         step_s: float, control_every: int, steps_left: int | None = None,
+                         epoch_end_s: float = 0.0) -> bool:
     """Whether the last checkpoint before a deadline must start now: the next chance (after
-    `control_every` more steps) would leave less than twice the time a checkpoint takes, plus
-    a margin of a few seconds for Ray to record it."""
+    `control_every` more steps, or, when the epoch ends first, after its last steps, its
+    validation and its checkpoint: `epoch_end_s`) would leave less than twice the time a
+    checkpoint takes, plus a margin of a few seconds for Ray to record it. A drain without a
+    deadline (`ray drain-node` without one, a scale-down) is due at once: Ray kills the
+    group when its grace period ends, with no time given."""
     if deadline is None:
-        return False
-    return deadline - now <= 2 * checkpoint_s + (control_every + 1) * step_s + 5.0
+        return True
+    until_next = control_every * step_s
+    if steps_left is not None and steps_left <= control_every:
+        until_next = steps_left * step_s + epoch_end_s
+    return deadline - now <= 2 * checkpoint_s + until_next + step_s + 5.0
+
+
+def notice_change(current: "Notice | None", new: "Notice | None") -> str | None:
+    """How a notice read at a control round changes the one the run holds: "new" (first seen,
+    or other nodes), "earlier" (the same nodes, a deadline that came forward: it replaces the
+    one held), or None."""
+    if new is None:
+        return None
+    if current is None or set(new.nodes) != set(current.nodes):
+        return "new"
+    if new.deadline is not None and (current.deadline is None or new.deadline < current.deadline):
+        return "earlier"
+    return None
 
 
 def checkpoint_due_by_steps(step_in_epoch: int, every_steps: int) -> bool:
@@ -142,7 +162,7 @@ class RunControl:
     whether to checkpoint now, and waits out a deadline after the last one."""
 
     def __init__(self, cfg, rank: int, world: int, device: torch.device, label: str,
-                 get_notice=None, mlflow=None, say=print, on_progress=None):
+                 get_notice=None, mlflow=None, say=print, on_progress=None, get_grow=None):
         self.amount, self.unit = checkpoint_interval(cfg.run.checkpoint_every)
         self.rank, self.world, self.device, self.label = rank, world, device, label
         self.control_every = CONTROL_EVERY.get(device.type, 10)
@@ -152,8 +172,11 @@ class RunControl:
         self.mlflow = BackgroundLog(mlflow) if mlflow is not None else None
         self.last_checkpoint = time.monotonic()
         self.checkpoint_s = 0.0          # how long the last checkpoint took
+        self.get_grow = get_grow         # rank 0's: whether the elastic policy waits to grow
         self.notice: Notice | None = None
+        self.notice_change: str | None = None   # at the last round: "new", "earlier" or None
         self.final_done = False
+        self.epoch_end_s = 0.0           # the last epoch end's validation and checkpoint
         self.times = StepTimes()         # since the last progress line
         self.window = StepTimes()        # since the last MLflow entry
         self.epoch_s_estimate = 0.0
@@ -164,11 +187,14 @@ class RunControl:
 
     def after_step(self, epoch: int, step: int, steps: int, step_s: float, wait_s: float,
                    loss: float, global_step: int) -> str | None:
-        """`step` is the epoch's step just done (0-based), of `steps`. Returns None, "checkpoint"
-        or "notice" (checkpoint: a preemption notice came) or "final" (checkpoint, then call
-        hand_over)."""
+        """`step` is the epoch's step just done (0-based), of `steps`. Returns None, "checkpoint",
+        "notice" (checkpoint: a preemption notice came), "final" (checkpoint, then call
+        hand_over: the deadline is near, or the drain has none) or "grow" (checkpoint, then
+        hand_over: nodes joined an elastic run, which restarts larger). `notice_change` says
+        whether this round brought a notice (rank 0 records it at once)."""
         self.times.add(step_s, wait_s, loss)
         self.window.add(step_s, wait_s, loss)
+        self.notice_change = None
         if self.rank == 0:
             self._say_progress(epoch, step, steps)
             self._log_steps(global_step)
@@ -177,32 +203,49 @@ class RunControl:
         due_steps = self.unit == "steps" and checkpoint_due_by_steps(step, int(self.amount))
         if (step + 1) % self.control_every:
             return "checkpoint" if due_steps else None
-        first_notice = False
-        if self.get_notice is not None and self.notice is None:
+        if self.get_notice is not None and not self.final_done:
+            # read every round, not once: a second notice may bring an earlier deadline
             info = self.get_notice()   # a collective: every rank calls it at the same steps
-            if info is not None:
-                self.notice = Notice.from_ray(info)
-                first_notice = True
+            seen = Notice.from_ray(info) if info is not None else None
+            self.notice_change = notice_change(self.notice, seen)
+            if self.notice_change == "new":
+                self.notice = seen
+            elif self.notice_change == "earlier":
+                self.notice.deadline = seen.deadline
         now = time.time()
         by_time = self.unit == "minutes" and time.monotonic() - self.last_checkpoint >= 60 * self.amount
-        final = (self.notice is not None and not self.final_done and not first_notice and
+        final = (self.notice is not None and not self.final_done and
                  final_checkpoint_due(now, self.notice.deadline, self.checkpoint_s,
-                                      self.times.step_s or step_s, self.control_every))
-        by_time, final = self._agree(by_time, final)
-        if first_notice:
-            return "notice"
+                                      self.times.step_s or step_s, self.control_every,
+                                      steps - step - 1, max(self.epoch_end_s, self.checkpoint_s)))
+        grow = self.rank == 0 and self.get_grow is not None and not self.final_done and \
+            bool(self.get_grow())
+        by_time, final, grow = self._agree(by_time, final, grow)
         if final:
             self.final_done = True
             return "final"
+        if self.notice_change == "new":
+            return "notice"
+        if grow:
+            self.final_done = True
+            return "grow"
         return "checkpoint" if (due_steps or by_time) else None
 
     def checkpointed(self, seconds: float) -> None:
         self.last_checkpoint = time.monotonic()
         self.checkpoint_s = seconds
 
-    def hand_over(self) -> None:
-        """After the last checkpoint before a deadline: train no further (nothing would be
-        kept); end the group now, on every rank, so the restart need not wait for the node."""
+    def hand_over(self, why: str = "preemption") -> None:
+        """After the last checkpoint before a deadline (or before growing): train no further
+        (nothing would be kept); end the group now, on every rank, so the restart need not
+        wait for the node.
+
+        Every rank first waits for all (a collective): Ray's report() returns at once on the
+        ranks that upload nothing, and their HandOver would reach the controller while rank 0
+        still uploads; the controller then ends the group, rank 0 with it, mid-upload."""
+        self._agree(True)
+        if why == "grow":
+            raise HandOver("checkpointed for the nodes that joined: the run restarts on them")
         deadline = self.notice.deadline if self.notice else None
         left = f"{deadline - time.time():.0f} s before the deadline" if deadline else "no deadline"
         raise HandOver(f"the last checkpoint before the preemption is on storage ({left}): "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ray.train.torch import TorchTrainer
@@ -18,16 +19,52 @@ from .run_events import RunEvents
 
 
 class FailureRecorder(UserCallback):
-    """Ray Train controller callback: note each worker-group failure as a run event."""
+    """Ray Train controller callback: note each worker-group failure as a run event (once per
+    failure: Ray calls this on each of its polls while the group it failed waits to stop)."""
 
     def __init__(self, storage: Storage, run_dir: str):
         self.storage, self.run_dir = storage, run_dir
+        self.last: str | None = None
 
     def after_exception(self, run_context, worker_exceptions):
         if all(handed_over(e) for e in worker_exceptions.values()):
             return   # a preemption: its events are the checkpoints before the deadline
-        RunEvents(self.storage, self.run_dir).add(
-            "failure", error=describe_failures(worker_exceptions, 160)[:500])
+        error = describe_failures(worker_exceptions, 160)[:500]
+        if error == self.last:   # the same failure, polled again (each poll brings new objects)
+            return
+        self.last = error
+        RunEvents(self.storage, self.run_dir).add("failure", error=error)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.last = None   # a group that reports has trained since: a failure now is another
+
+
+# An elastic run does not resize a running group (a restart without a checkpoint): the policy
+# raises this flag in Ray's key-value store, rank 0 reads it at its control rounds, and the group
+# checkpoints and hands over (control.RunControl: "grow"); its restart takes the new nodes.
+GROW_NAMESPACE = "pipeline-grow"
+
+
+def grow_key(run_dir: str) -> bytes:
+    return run_dir.encode()
+
+
+def set_grow(key: bytes, wanted: bool) -> None:
+    from ray.experimental import internal_kv
+
+    if wanted:
+        internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=GROW_NAMESPACE)
+    else:
+        internal_kv._internal_kv_del(key, namespace=GROW_NAMESPACE)
+
+
+def grow_wanted(key: bytes) -> bool:
+    from ray.experimental import internal_kv
+
+    try:
+        return internal_kv._internal_kv_get(key, namespace=GROW_NAMESPACE) is not None
+    except Exception:   # noqa: BLE001 - the GCS busy: grow at a later round
+        return False
 
 
 def describe_failures(worker_failures: dict, width: int) -> str:
@@ -47,6 +84,8 @@ def explain_failure(exc: Exception, cfg: TrainConfig) -> Exception:
 
     if isinstance(exc, WorkerGroupError) and user_error_in(exc) is not None:
         return user_error_in(exc)
+    if isinstance(getattr(exc, "controller_failure", None), UserError):
+        return exc.controller_failure   # SkipDrainingNodes: waited too long below the minimum
     if isinstance(exc, WorkerGroupError):
         # retried until the failure policy gave up: max_failures restarts were spent
         n = cfg.run.max_failures
@@ -88,7 +127,8 @@ class StopOnUserError(FailurePolicy):
         self.inner = inner
 
     def make_decision(self, training_failed_error) -> FailureDecision:
-        if user_error_in(training_failed_error) is not None:
+        if user_error_in(training_failed_error) is not None or \
+                isinstance(getattr(training_failed_error, "controller_failure", None), UserError):
             return FailureDecision.RAISE
         failures = getattr(training_failed_error, "worker_failures", None)
         if failures and all(handed_over(e) for e in failures.values()):
@@ -104,17 +144,50 @@ class SkipDrainingNodes(ElasticScalingPolicy):
     "growing" onto a node being drained, then waited the group's 30 s start timeout for a
     worker that node would never take.
 
-    A running group is never shrunk here: that would be a resize without a checkpoint (up to an
-    interval of steps lost), taken before the workers had seen the notice whose own path
-    checkpoints and loses none; a dead node's workers fail and restart the group anyway."""
+    A running group is never resized here: that would be a restart without a checkpoint (up to
+    an interval of steps lost). Not shrunk: the workers' own notice path checkpoints and loses
+    none, and a dead node's workers fail and restart the group anyway. Not grown: the policy
+    raises the grow flag instead (set_grow), the workers checkpoint at their next control
+    round and hand over, and the restart takes the nodes that joined.
+
+    A group that cannot start with its minimum of workers waits at most `wait_s` (Ray's policy
+    waits forever), then the run ends in words (a UserError through the controller)."""
+
+    def __init__(self, scaling_config, wait_s: float = float("inf"), grow: bytes | None = None,
+                 clock=time.monotonic):
+        super().__init__(scaling_config)
+        self.wait_s, self.grow, self.clock = wait_s, grow, clock
+        self.below_since: float | None = None
+
+    def make_decision_for_non_running_worker_group(self):
+        if self.grow is not None:
+            try:
+                set_grow(self.grow, False)   # the group that was asked to grow has stopped
+            except Exception:   # noqa: BLE001 - a stale flag costs one early checkpoint
+                pass
+        decision = super().make_decision_for_non_running_worker_group()
+        if not isinstance(decision, NoopDecision):
+            self.below_since = None
+            return decision
+        now = self.clock()
+        if self.below_since is None:
+            self.below_since = now
+        elif now - self.below_since >= self.wait_s:
+            lo = self.scaling_config.min_workers
+            raise UserError(f"could not start the minimum of {lo} training worker(s) for "
+                            f"{self.wait_s / 60:g} minutes (--resource-wait-minutes): the cluster "
+                            "lost nodes and none came back; add nodes or lower --num-workers, "
+                            "then re-run with the same --name to resume from the last checkpoint")
+        return decision
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         decision = super().make_decision_for_running_worker_group(worker_group_state,
                                                                   worker_group_status)
-        if isinstance(decision, ResizeDecision) and \
-                decision.num_workers < worker_group_state.num_workers:
-            return NoopDecision()
-        return decision
+        if not isinstance(decision, ResizeDecision):
+            return decision
+        if decision.num_workers > worker_group_state.num_workers and self.grow is not None:
+            set_grow(self.grow, True)
+        return NoopDecision()
 
     def _get_reserved_resources(self):
         reserved = super()._get_reserved_resources()
@@ -164,10 +237,14 @@ class Trainer(TorchTrainer):
     hands it to the controller here), an elastic policy that skips draining nodes, and without
     Ray's Ctrl-C handler."""
 
+    wait_s: float = float("inf")     # launch.make_trainer sets both
+    grow: bytes | None = None
+
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = StopOnUserError(kwargs["failure_policy"])
         if isinstance(kwargs.get("scaling_policy"), ElasticScalingPolicy):
-            kwargs["scaling_policy"] = SkipDrainingNodes(self.scaling_config)
+            kwargs["scaling_policy"] = SkipDrainingNodes(self.scaling_config, self.wait_s,
+                                                         self.grow)
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):

@@ -10,9 +10,22 @@ from ..storage import Storage, join
 
 
 def defining(cfg, manifest_sha256: str) -> dict:
-    """The settings that make a training run what it is (not where or on how many workers)."""
+    """The settings that make a training run what it is (not where, nor on how many workers of
+    the moment: but the most it may have fixes the global batch, and so the lr)."""
     return {"data": cfg.data, "manifest_sha256": manifest_sha256, "recipe": cfg.recipe.model_dump(),
-            "init_from": cfg.run.init_from, "max_steps_per_epoch": cfg.loader.max_steps_per_epoch}
+            "init_from": cfg.run.init_from, "max_steps_per_epoch": cfg.loader.max_steps_per_epoch,
+            "global_batch": cfg.global_batch, "most_workers": cfg.workers_range[1]}
+
+
+def batch_changed(old: dict, new: dict) -> str | None:
+    """One line when a resume would change the global batch (another most --num-workers)."""
+    if old.get("global_batch") == new.get("global_batch") or "global_batch" not in old:
+        return None
+    return (f"was started with a global batch of {old['global_batch']} (at most "
+            f"{old.get('most_workers')} workers); this command's is {new['global_batch']} (at "
+            f"most {new.get('most_workers')}), which would change the lr schedule mid-run: resume "
+            f"with --num-workers N-{old.get('most_workers')} (any fewer may run), or start over "
+            "with --restart")
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -34,7 +47,17 @@ def claim(storage: Storage, folder: str, file: str, what: str, settings: dict,
     if restart:
         for rel, _ in list(storage.list(folder)):
             storage.delete(join(folder, rel))
-    elif storage.exists(uri):
+    elif check(storage, folder, file, what, settings):
+        return True
+    storage.write_bytes(uri, json.dumps(settings, indent=1, sort_keys=True, default=str).encode())
+    return False
+
+
+def check(storage: Storage, folder: str, file: str, what: str, settings: dict) -> bool:
+    """claim's refusals without writing anything: True when `folder` holds the same settings
+    (a resume), False when it holds nothing yet; other settings raise a UserError."""
+    uri = join(folder, file)
+    if storage.exists(uri):
         try:
             old = json.loads(storage.read_bytes(uri))
         except ValueError:
@@ -43,16 +66,21 @@ def claim(storage: Storage, folder: str, file: str, what: str, settings: dict,
             raise UserError(f"{uri} cannot be read, so {what} cannot be resumed; choose another "
                             "--name, or restart it (--restart, or restart: true in the config "
                             "file) to discard it and start over")
-        diff = differences(old, settings)
+        # a record from before the global batch was part of it: the cursor's check stands
+        # (worker.check_cursor)
+        diff = differences(old, {k: v for k, v in settings.items()
+                                 if k in old or k not in ("global_batch", "most_workers")})
+        batch = batch_changed(old, settings)
+        if batch:
+            raise UserError(f"{what} at {folder} {batch}")
         if diff:
             shown = "; ".join(diff[:4]) + (f" (and {len(diff) - 4} more)" if len(diff) > 4 else "")
             raise UserError(f"{what} at {folder} was started with other settings ({shown}): "
                             "choose another --name, or restart it (--restart, or restart: true "
                             "in the config file) to discard it and start over")
         return True
-    elif next(iter(storage.list(folder)), None) is not None:
+    if next(iter(storage.list(folder)), None) is not None:
         raise UserError(f"{folder} already holds files but no {file}: not a run this version "
                         "started; choose another --name, or restart it (--restart, or restart: "
                         "true in the config file) to discard them")
-    storage.write_bytes(uri, json.dumps(settings, indent=1, sort_keys=True, default=str).encode())
     return False

@@ -23,6 +23,7 @@ from ..config import Recipe, TrainConfig
 from ..data.loaders import Reads, TrainLoader, val_loader
 from ..data.placement import EpochReads
 from . import checkpoint
+from .gpu_env import loader_threads
 from .model import build_model, load_weights, param_groups
 from .precision import device_precision
 
@@ -52,6 +53,31 @@ def maybe_inject_fault(epoch: int, step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault {fired + 1} of {times} at epoch {epoch} step {step}")
 
 
+HOLD_ENV = "PIPELINE_TEST_HOLD"
+HOLD_MAX_S = 600.0
+
+
+def maybe_hold(epoch: int, step: int, rank: int, world: int) -> None:
+    """Test hook: "EPOCH:STEP:FILE[:WORLD]" (several, comma-separated) holds every rank after
+    that step (of a group of WORLD workers, any if not given) until FILE exists, at most 10 min,
+    so a test can change the cluster while the run is at a known step however fast the machine;
+    "*" for EPOCH and STEP holds at the first step such a group trains. Rank 0 appends
+    "epoch step world" to FILE.held when it starts waiting."""
+    for spec in filter(None, os.environ.get(HOLD_ENV, "").split(",")):
+        want_epoch, want_step, path, *want_world = spec.split(":")
+        if (want_epoch, want_step) != ("*", "*") and (epoch, step) != (int(want_epoch),
+                                                                        int(want_step)):
+            continue
+        if os.path.exists(path) or (want_world and int(want_world[0]) != world):
+            continue
+        if rank == 0:
+            with open(path + ".held", "a") as f:
+                f.write(f"{epoch} {step} {world}\n")
+        deadline = time.monotonic() + HOLD_MAX_S
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 # -- the schedules, as plain functions of the recipe ----------------------------------------------
 def lr_at(r: Recipe, epoch: float, global_batch: int) -> float:
     """Learning rate at a (fractional) epoch; r.lr is per 256 images."""
@@ -76,6 +102,20 @@ def resolution_at(r: Recipe, epoch: int) -> int:
     return int(np.round(res / 32)) * 32
 
 
+def micro_batches(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the micro-batches a rank's part of n images is trained in: as many as
+    n / size rounds to (at least one), of equal sizes (within one image). None is smaller than
+    half of `size` (BatchNorm normalises over each one: 256 + 4 would give it 4 images), none
+    larger than 1.5 x `size` (probe.check_largest_step tries the largest)."""
+    k = max(1, (2 * n + size) // (2 * size))   # n / size rounded half up
+    bounds = [n * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def largest_micro_batch(n: int, size: int) -> int:
+    return max(stop - start for start, stop in micro_batches(n, size))
+
+
 class ImageNetTrainer:
     def __init__(self, cfg: TrainConfig, train: Reads, val: Reads, classes: list[dict],
                  rank: int, world: int, device: torch.device, wrap_model=None,
@@ -94,6 +134,10 @@ class ImageNetTrainer:
         self.global_batch = train.layout.global_batch
         # autocast, loader dtype and scaler decided together (a UserError for bf16 without it)
         self.precision = device_precision(self.recipe.precision, device)
+        on_gpu = device.type == "cuda"
+        self.loader_threads = loader_threads(
+            cfg.resources.loader_threads, cfg.resources.cpus_per_worker,
+            len(os.sched_getaffinity(0)), torch.cuda.device_count() if on_gpu else 0, on_gpu)
         self.train_loader = self.create_train_loader(train)
         self.started = None
         if first is not None:
@@ -144,12 +188,12 @@ class ImageNetTrainer:
         """This rank's part of each global batch per step (reads.count): batch_size with the
         run's full world, more with fewer workers (trained in micro-batches, train_step)."""
         return TrainLoader(reads, reads.count, self.get_resolution(0),
-                           self.cfg.resources.cpus_per_worker, self.recipe.seed, self.device,
+                           self.loader_threads, self.recipe.seed, self.device,
                            self.precision.loader_dtype)
 
     def create_val_loader(self, reads: Reads):
         return val_loader(reads, self.recipe.val_batch_size, self.recipe.val_res,
-                          self.cfg.resources.cpus_per_worker, self.device,
+                          self.loader_threads, self.device,
                           self.precision.loader_dtype)
 
     def _autocast(self):
@@ -163,20 +207,21 @@ class ImageNetTrainer:
         return images
 
     def train_step(self, images, target, lr: float) -> torch.Tensor:
-        """One optimizer step on this rank's part of a global batch, in micro-batches of at most
-        batch_size (gradients accumulated; DDP syncs on the last). Each micro-batch's loss is
+        """One optimizer step on this rank's part of a global batch, in micro-batches
+        (micro_batches: none under half of batch_size; gradients accumulated; DDP syncs on the
+        last). Each micro-batch's loss is
         weighted so that the step's gradient is the mean over the global batch whatever the
         world size and however it is split. Returns the sum of the per-image losses."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)   # a numpy float would not load with weights_only
         self.optimizer.zero_grad(set_to_none=True)
-        n, size = len(target), self.recipe.batch_size
+        n = len(target)
         weight = self.world / self.global_batch   # DDP averages the ranks' gradients
         total = torch.zeros((), device=self.device)
-        for start in range(0, n, size):
-            last = start + size >= n
+        for start, stop in micro_batches(n, self.recipe.batch_size):
+            last = stop >= n
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            x, y = images[start:start + size], target[start:start + size]
+            x, y = images[start:stop], target[start:stop]
             with sync:
                 with self._autocast():
                     loss = self.loss(self.model(self._channels_last(x)), y)
@@ -187,11 +232,12 @@ class ImageNetTrainer:
         return total
 
     def train_loop(self, epoch: int, reads: EpochReads | None = None, steps_before: int = 0,
-                   after_step=None) -> dict:
+                   after_step=None, trained=None) -> dict:
         """The steps of `reads` (default: the whole epoch; or the rest of it after `steps_before`
         steps done before an interruption). after_step(step, step_s, wait_s, loss) runs after
         each one, with the epoch's step number; it may checkpoint (a collective: it runs at the
-        same step on every rank)."""
+        same step on every rank). trained(steps) runs as soon as a step's optimizer step is
+        done, with the epoch's steps done (run_events.Reached: how far the group got)."""
         if reads is None:
             reads = self.train_reads.epoch(epoch, self.recipe.seed,
                                            max_steps=self.cfg.loader.max_steps_per_epoch)
@@ -216,7 +262,10 @@ class ImageNetTrainer:
             loss = self.train_step(images, target, lrs[i])
             loss_sum += loss
             self.steps_done = i + 1
+            if trained is not None:
+                trained(steps_before + i + 1)
             maybe_inject_fault(epoch, steps_before + i, self.rank)
+            maybe_hold(epoch, steps_before + i, self.rank, self.world)
             now = time.perf_counter()
             waiting += got - tick
             if after_step is not None:
@@ -232,25 +281,31 @@ class ImageNetTrainer:
                 "data_wait": waiting / seconds if seconds else 0.0}
 
     def val_loop(self) -> dict:
-        """Top-1/top-5 over the whole validation split, summed across workers."""
+        """Top-1/top-5 over the whole validation split, summed across workers. The sums stay on
+        the device (one sync per loop, not three per batch); the flip average is taken in fp32
+        (two bf16 logits summed lose the low bits)."""
         model = self.bare_model   # no DDP collectives in eval: ranks may have unequal batches
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)   # correct@1, correct@5, loss sum, count
+        # correct@1, correct@5, loss sum, count
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         with torch.no_grad(), self._autocast():
             for images, target in self.val_loader:
                 images = self._channels_last(images)
-                output = model(images)
+                output = model(images).float()
                 if self.recipe.lr_tta:
-                    output = (output + model(torch.flip(images, dims=[3]))) / 2
+                    output = (output + model(torch.flip(images, dims=[3])).float()) / 2
                 top5 = output.topk(min(5, output.shape[1]), dim=1).indices
                 hits = top5 == target[:, None]
-                sums += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
-                                      self.loss(output.float(), target).item() * len(target),
-                                      len(target)], dtype=torch.float64)
+                sums[0] += hits[:, 0].sum()
+                sums[1] += hits.any(1).sum()
+                sums[2] += self.loss(output, target) * len(target)
+                sums[3] += len(target)
+        sums = sums.cpu()
         self._all_reduce(sums)
-        n = max(1.0, sums[3].item())
-        return {"val_top1": sums[0].item() / n, "val_top5": sums[1].item() / n,
-                "val_loss": sums[2].item() / n, "val_images": int(sums[3].item())}
+        top1, top5, loss, count = sums.tolist()
+        n = max(1.0, count)
+        return {"val_top1": top1 / n, "val_top5": top5 / n, "val_loss": loss / n,
+                "val_images": int(count)}
 
     def _all_reduce(self, t: torch.Tensor) -> None:
         if self.world > 1 and dist.is_initialized():
@@ -258,26 +313,39 @@ class ImageNetTrainer:
             dist.all_reduce(moved)
             t.copy_(moved.cpu())
 
-    def read_digest(self, reads: EpochReads, steps: int) -> tuple[int, int]:
-        """(samples, digest) of what every rank read in the first `steps` steps of `reads`
-        (a collective). The digest is summed as two 32-bit halves, so no sum overflows."""
-        terms = self.train_reads.ids.terms[reads.gids[:steps * reads.count]]
+    def read_digest(self, reads: EpochReads, steps: int, epoch: int) -> tuple[int, int, int]:
+        """(samples, digest, views) of what every rank read in the first `steps` steps of `reads`
+        in `epoch` (a collective; views: views.py). Sums go as two 32-bit halves, so none
+        overflows."""
+        gids = reads.gids[:steps * reads.count]
+        terms = self.train_reads.ids.terms[gids]
+        seen = self._views_sum(reads, epoch, len(gids))
         t = torch.tensor([len(terms), int((terms >> np.uint64(32)).sum(dtype=np.uint64)),
-                          int((terms & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))],
-                         dtype=torch.int64)
+                          int((terms & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64)),
+                          seen >> 32, seen & 0xFFFFFFFF], dtype=torch.int64)
         self._all_reduce(t)
-        count, high, low = (int(v) for v in t.tolist())
-        return count, ((high << 32) + low) % 2**64
+        count, high, low, views_high, views_low = (int(v) for v in t.tolist())
+        return count, ((high << 32) + low) % 2**64, ((views_high << 32) + views_low) % 2**64
+
+    def _views_sum(self, reads: EpochReads, epoch: int, n: int) -> int:
+        """This rank's views sum over the first n samples of `reads`: hashed once each (a
+        checkpoint every few steps extends the last sum)."""
+        from ..data.views import views_digest
+
+        (was, was_epoch), done, total = getattr(self, "_views_at", ((None, -1), 0, 0))
+        if was is not reads or was_epoch != epoch or done > n:
+            done, total = 0, 0
+        gids = reads.gids[done:n]
+        rows = self.train_loader.sample_views(epoch, gids)
+        total = (total + views_digest(self.train_reads.ids, gids, rows)) % 2**64
+        self._views_at = ((reads, epoch), n, total)
+        return total
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def rng_states(self) -> list[dict]:
-        """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-        return gather(checkpoint.rng_state(), self.world)
-
-    def save(self, folder: str, epoch: int, metrics: dict, rng: list[dict],
-             cursor: dict | None = None, epoch_samples: list[dict] | None = None) -> None:
-        """Everything needed to resume (weights, optimizer, scaler, epoch, data position, RNG)
-        and to serve."""
+    def save(self, folder: str, epoch: int, metrics: dict, cursor: dict | None = None,
+             epoch_samples: list[dict] | None = None) -> None:
+        """Everything needed to resume (weights, optimizer, scaler, epoch, data position) and to
+        serve; each rank writes its own RNG state beside it (checkpoint.save_rng)."""
         meta = checkpoint.meta(self.cfg, self.classes, epoch, metrics, self.lineage)
         meta["epoch_samples"] = epoch_samples or []
         if cursor:
@@ -285,19 +353,19 @@ class ImageNetTrainer:
                 s["steps"] for s in cursor["segments"])}
         checkpoint.save(folder, model=self.bare_model.state_dict(),
                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                        epoch=epoch, rng=rng, meta=meta, cursor=cursor, epoch_samples=epoch_samples)
+                        epoch=epoch, meta=meta, cursor=cursor, epoch_samples=epoch_samples,
+                        world_size=self.world)
 
-    def load(self, state: dict) -> dict:
-        """Resume from a checkpoint's state (checkpoint.load); each rank gets back its own RNG
-        state (a run resumed with another world size re-seeds each rank from the seed, the
-        epoch and its rank). Returns {epoch, cursor (or None), epoch_samples}."""
+    def load(self, state: dict, rng: dict | None = None) -> dict:
+        """Resume from a checkpoint's state (checkpoint.load) and this rank's RNG state
+        (checkpoint.load_rng; None: a run resumed with another world size re-seeds each rank
+        from the seed, the epoch and its rank). Returns {epoch, cursor (or None), epoch_samples}."""
         self.bare_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         epoch = int(state["epoch"])
-        rng = state.get("rng") or []
-        if len(rng) == self.world:
-            checkpoint.set_rng_state(rng[self.rank])
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
         else:
             seed = self.recipe.seed * 1_000_003 + epoch * 1009 + self.rank
             torch.manual_seed(seed)

@@ -42,8 +42,10 @@ def train_worker(config: dict) -> None:
     _quiet_ray_train_logs()
     from ..data.manifest import ShardManifest
     from ..data.node_data import prepare
+    from ..errors import UserError
     from ..tracking import RunLog
     from .control import RunControl, epoch_checkpoint_due
+    from .gpu_env import check_worker_gpu, driver_version, one_gpu_type, use_device
     from .probe import check_largest_step
     from .run_events import RunEvents
 
@@ -53,9 +55,19 @@ def train_worker(config: dict) -> None:
     storage, events = config["storage"], RunEvents(config["storage"], config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # a driver too old for torch's CUDA leaves torch without CUDA: the run ends in one line
+    # here, not by training on the CPU
+    gpus = cfg.resources.gpus_per_worker > 0
+    check_worker_gpu(torch.version.cuda, driver_version() if gpus else None, gpus)
     device = ray.train.torch.get_device()
+    use_device(device)   # before the loaders: nothing of this worker lands on GPU 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    # one GPU type per run unless asked: a mix ends the run here, before any data is fetched
+    mixed = one_gpu_type(gather(torch.cuda.get_device_name(device) if device.type == "cuda"
+                                else "cpu", world), cfg.resources.accelerator_type)
+    if mixed:
+        raise UserError(mixed)
     label = config.get("label", "train")
 
     def say(line: str) -> None:
@@ -68,7 +80,17 @@ def train_worker(config: dict) -> None:
         storage, cfg.data, manifest, cfg.loader, rank, node, cfg.recipe.seed, cfg.global_batch,
         gather=lambda value: gather(value, world),
         any_pending=lambda pending: any_true(pending, world, device))
-    rank_nodes = [g for g in gather(node, world)]
+    # how far the group before this one trained (Reached): read on every node before any rank
+    # of this group writes its own record (the gather between is a collective)
+    from ..data.node_cache import cache_root
+    from .run_events import Reached
+
+    reached_dir = Reached.folder_for(cache_root(cfg.loader.cache_dir), config["run_dir"])
+    shared = gather((node, Reached.latest(reached_dir), time.time_ns()), world)
+    rank_nodes = [n for n, _, _ in shared]
+    seen_before = [r for _, r, _ in shared if r is not None]
+    reached_before = max(seen_before)[1:] if seen_before else None
+    reached = Reached(reached_dir, rank, shared[0][2])
     # by node id: Ray's local rank goes by IP, which nodes sharing a machine also share
     local_rank = rank_nodes[:rank].count(node)
     every_fetch = gather(fetched, world)
@@ -98,9 +120,15 @@ def train_worker(config: dict) -> None:
     start_epoch = int(state["epoch"]) if state else 0
     cursor = Cursor.from_dict(json.loads(state["cursor"])) if state and state.get("cursor") else None
     if cursor is not None:
+        check_cursor(cursor, cfg, chosen)
         start_epoch = cursor.epoch
     first = epoch_plan(reads["train"], cfg, start_epoch, cursor) \
         if start_epoch < cfg.recipe.epochs else None
+    if local_rank != 0:
+        reached = None   # one record per node: the ranks move in lock-step
+    elif first is not None:   # this group's record from its start: it has trained nothing yet
+        before = first[0].steps
+        reached.write(start_epoch, before, before + first[2].steps)
 
     classes = [c.model_dump() for c in manifest.classes]
     trainer = ImageNetTrainer(cfg, reads["train"], reads["val"], classes, rank, world, device,
@@ -116,7 +144,8 @@ def train_worker(config: dict) -> None:
         t = config["tracking"]
         mlflow = RunLog(t["uri"], t["run_id"], storage, t["outbox"], say=say)
 
-    resumed = trainer.load(state) if state is not None else None
+    resumed = trainer.load(state, checkpoint.load_rng(storage, chosen, state, rank, world)) \
+        if state is not None else None
     if resumed is not None and rank == 0 and chosen != given:
         say(f"[{label}] resuming from {chosen}, written after the latest checkpoint Ray had "
             f"recorded ({given})")
@@ -129,7 +158,8 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         events.add("start", resumed_from_epoch=start_epoch if resumed else None,
                    resumed_from_step=cursor.steps if cursor else 0, world_size=world,
-                   global_batch=trainer.global_batch)
+                   global_batch=trainer.global_batch,
+                   reached=list(reached_before) if reached_before else None)
         if resumed:
             where = f"epoch {start_epoch + 1} step {cursor.steps}" if cursor else \
                 f"the end of epoch {start_epoch}"
@@ -144,20 +174,26 @@ def train_worker(config: dict) -> None:
         ray.train.report(final_metrics)
         return
 
+    from .failures import grow_key, grow_wanted
+
+    elastic = cfg.workers_range[0] != cfg.workers_range[1]
     control = RunControl(cfg, rank, world, device, label, get_notice=ray.train.get_preemption_info,
                          mlflow=mlflow, say=say,
-                         on_progress=lambda e, k: events.add("progress", epoch=e, step=k))
+                         on_progress=lambda e, k: events.add("progress", epoch=e, step=k),
+                         get_grow=(lambda: grow_wanted(grow_key(config["run_dir"])))
+                         if elastic and rank == 0 else None)
 
     def save_and_report(metrics: dict, done_epochs: int, cur: Cursor | None, name: str) -> float:
         """A checkpoint on every rank's word (a collective); returns its seconds."""
         began = time.monotonic()
-        rng = trainer.rng_states()
         with tempfile.TemporaryDirectory() as folder:
-            report_ckpt = None
+            # every rank uploads its own RNG file into the one folder (Ray gives every rank
+            # rank 0's folder name); only rank 0 writes the weights and the cursor
+            checkpoint.save_rng(folder, rank, checkpoint.rng_state())
             if rank == 0:
-                trainer.save(folder, done_epochs, metrics, rng, cur.to_dict() if cur else None,
+                trainer.save(folder, done_epochs, metrics, cur.to_dict() if cur else None,
                              epoch_samples)
-                report_ckpt = ray.train.Checkpoint.from_directory(folder)
+            report_ckpt = ray.train.Checkpoint.from_directory(folder)
             # unique per attempt: a re-done step never lands in a half-written folder
             ray.train.report(metrics, checkpoint=report_ckpt,
                              checkpoint_dir_name=f"{name}-{uuid.uuid4().hex[:6]}")
@@ -174,7 +210,7 @@ def train_worker(config: dict) -> None:
             epoch_plan(reads["train"], cfg, epoch, None)
         steps_before = cursor.steps - segment.steps
         epoch_steps = steps_before + plan_reads.steps
-        base = (cursor.samples, cursor.digest)
+        base = (cursor.samples, cursor.digest, cursor.views)
         control.start_epoch(epoch_steps)
         epoch_began = time.monotonic()
 
@@ -185,10 +221,16 @@ def train_worker(config: dict) -> None:
             segment.steps = step + 1 - steps_before
             action = control.after_step(epoch, step, epoch_steps, step_s, wait_s, loss,
                                         epoch * epoch_steps + step + 1)
+            if control.notice_change and rank == 0:   # recorded when seen, before any checkpoint
+                n = control.notice
+                events.add("notice", update=control.notice_change == "earlier", nodes=n.nodes,
+                           ranks=n.ranks, deadline=n.deadline, seen=n.seen, epoch=epoch,
+                           step=step + 1)
             if action is None:
                 return
-            count, digest = trainer.read_digest(plan_reads, segment.steps)
+            count, digest, views = trainer.read_digest(plan_reads, segment.steps, epoch)
             cursor.samples, cursor.digest = base[0] + count, (base[1] + digest) % 2**64
+            cursor.views = (base[2] + views) % 2**64
             metrics = {"epoch": epoch, "step": step + 1, "mid_epoch": True,
                        "checkpoint_score": -1.0}
             seconds = save_and_report(metrics, epoch, cursor, f"step-{epoch + 1:04d}-{step + 1:06d}")
@@ -203,14 +245,23 @@ def train_worker(config: dict) -> None:
                 events.add("preemption_checkpoint", notice=action == "notice", nodes=n.nodes,
                            ranks=n.ranks, deadline=n.deadline, seen=n.seen, epoch=epoch,
                            step=step + 1, seconds=round(seconds, 2))
-            if action == "final":
-                control.hand_over()
+            if action == "grow" and rank == 0:
+                say(f"[{label}] nodes joined: checkpointed epoch {epoch + 1} step {step + 1} in "
+                    f"{seconds:.1f} s; the run restarts on them")
+            if action in ("final", "grow"):
+                if rank == 0:
+                    events.add("handover", reason="grow" if action == "grow" else "preemption",
+                               epoch=epoch, step=step + 1)
+                control.hand_over("grow" if action == "grow" else "preemption")
 
-        train_stats = trainer.train_loop(epoch, plan_reads, steps_before, after_step)
+        train_stats = trainer.train_loop(epoch, plan_reads, steps_before, after_step,
+                                         trained=reached and (
+                                             lambda k: reached.write(epoch, k, epoch_steps)))
+        epoch_end_began = time.monotonic()
         segment.steps = plan_reads.steps
-        count, digest = trainer.read_digest(plan_reads, plan_reads.steps)
+        count, digest, views = trainer.read_digest(plan_reads, plan_reads.steps, epoch)
         record = {"epoch": epoch + 1, "samples": base[0] + count,
-                  "digest": digest_hex(base[1] + digest)}
+                  "digest": digest_hex(base[1] + digest), "views": digest_hex(base[2] + views)}
         epoch_samples = [e for e in epoch_samples if e["epoch"] != epoch + 1] + [record]
         cursor = None
         metrics = {"epoch": epoch + 1, **train_stats, **trainer.val_loop(),
@@ -229,6 +280,8 @@ def train_worker(config: dict) -> None:
             save_and_report(metrics, epoch + 1, None, f"epoch-{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+        # the next deadline's decision counts an epoch end: its validation and checkpoint
+        control.epoch_end_s = time.monotonic() - epoch_end_began
 
 
 def epoch_plan(reads, cfg: TrainConfig, epoch: int, cursor: Cursor | None):
@@ -243,6 +296,18 @@ def epoch_plan(reads, cfg: TrainConfig, epoch: int, cursor: Cursor | None):
     cap = cfg.loader.max_steps_per_epoch
     left = max(0, cap - steps_before) if cap else 0
     return cursor, segment, reads.epoch(epoch, cfg.recipe.seed, done, left)
+
+
+def check_cursor(cursor: Cursor, cfg: TrainConfig, where: str) -> None:
+    """A checkpoint inside an epoch holds the global batch its steps were counted in; another
+    would change the lr schedule and the rest of the epoch's order."""
+    from ..errors import UserError
+
+    if cursor.global_batch != cfg.global_batch:
+        raise UserError(f"{where}: taken with a global batch of {cursor.global_batch}; this run's "
+                        f"is {cfg.global_batch} (batch_size {cfg.recipe.batch_size} x at most "
+                        f"{cfg.workers_range[1]} workers): resume with --num-workers whose most "
+                        f"gives {cursor.global_batch}, or start over with --restart")
 
 
 def any_true(flag: bool, world: int, device: torch.device) -> bool:

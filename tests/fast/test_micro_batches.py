@@ -58,3 +58,30 @@ def test_a_rank_s_part_is_weighted_for_the_mean_over_the_global_batch():
     ref.train_step(x, y, lr=0.0)
     for a, b, r in zip(first, second, ref.model.parameters()):
         torch.testing.assert_close((a + b) / 2, r.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,size,sizes", [
+    (260, 256, [260]),                # 64 -> 63 workers at 256: one batch, not 256 + 4
+    (384, 256, [192, 192]),           # half a batch over: two of 192
+    (383, 256, [383]),
+    (512, 256, [256, 256]), (256, 256, [256]), (3, 256, [3]),   # a whole part smaller than size
+    (1032, 256, [258, 258, 258, 258]),
+])
+def test_no_micro_batch_is_smaller_than_half_the_batch(n, size, sizes):
+    from pipeline.training.trainer import micro_batches
+
+    parts = micro_batches(n, size)
+    assert [b - a for a, b in parts] == sizes
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a == prev for (a, _), (_, prev) in zip(parts[1:], parts))
+
+
+def test_at_every_scale_micro_batches_stay_between_half_and_one_and_a_half_batches():
+    """1,024 nodes of 8 ranks down to 1: each rank's part of 256 x 8,192."""
+    from pipeline.training.trainer import micro_batches
+
+    size, global_batch = 256, 256 * 8192
+    for world in range(1, 8193, 7):
+        n = global_batch // world + 1
+        sizes = [b - a for a, b in micro_batches(n, size)]
+        assert sum(sizes) == n and min(sizes) >= size // 2 and max(sizes) <= size * 3 // 2 + 1
