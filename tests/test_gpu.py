@@ -1,7 +1,8 @@
 """The CUDA path (bf16 autocast, channels-last, cudnn.benchmark, FFCV ToDevice): runs only where
-CUDA exists, skipped elsewhere, never faked. Tests that need FFCV skip where it is not installed
-(GPU machines lent so far had torch only); `pipeline bench gpu` and the memory probe need only
-torch."""
+CUDA exists, skipped elsewhere, never faked. A GPU machine may have torch only: the memory probe
+test needs nothing else; the others skip, saying which package they need (FFCV for the loader
+tests; torchvision, pydantic and yaml for `pipeline bench gpu`). The GPU-only branches that run
+without CUDA are also run on the meta device in tests/fast/test_device_loaders.py."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def _needs(*modules: str) -> None:
+    for name in modules:
+        pytest.importorskip(name, reason=f"needs {name} (not installed on this GPU machine)")
+
+
 def _ffcv_beton(tmp_path, n: int) -> None:
-    pytest.importorskip("ffcv")
+    _needs("ffcv", "torchvision", "pydantic", "yaml")
     from pipeline.config import WriterSettings
     from pipeline.data.shards import write_beton
 
@@ -32,7 +38,7 @@ def _has_bf16() -> bool:
 
 
 def test_resnet50_bf16_channels_last_steps_on_gpu(tmp_path):
-    pytest.importorskip("ffcv")
+    _needs("ffcv", "torchvision", "pydantic", "yaml")
     if not _has_bf16():
         pytest.skip("bf16 needs compute capability 8.0+")
     from pipeline.config import TrainConfig, WriterSettings
@@ -98,24 +104,32 @@ def test_every_precision_trains_and_validates_through_the_gpu_loader(tmp_path, p
 
 def test_the_probe_meets_a_real_out_of_memory_under_a_memory_cap():
     """A memory cap makes the device run out for real: the probe says so in words, and a batch
-    that fits is probed without a trace."""
+    that fits is probed without a trace. Torch only: a small full-resolution conv net (its
+    activations at 512 x 192 px take several GiB), in the precision a run picks on this GPU
+    (bf16 autocast with half images, or fp32 with float32 images before compute capability 8.0:
+    never half images into float weights)."""
+    from torch import nn
+
     from pipeline.errors import UserError
-    from pipeline.training.model import build_model
-    from pipeline.training.probe import probe_largest_step
+    from pipeline.training.precision import device_precision
+    from pipeline.training.probe import _torch_dtype, probe_largest_step
 
     device = torch.device("cuda", 0)
-    model = build_model("resnet50", 1000).to(device, memory_format=torch.channels_last)
+    precision = device_precision("auto", device)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1000))
+    model = model.to(device, memory_format=torch.channels_last)
     loss = torch.nn.CrossEntropyLoss()
-    dtype = torch.bfloat16 if _has_bf16() else None
+    step = {"num_classes": 1000, "autocast": precision.autocast, "channels_last": True,
+            "image_dtype": _torch_dtype(precision.loader_dtype)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(3 * 2**30 / total, device)   # 3 GiB
     try:
         with pytest.raises(UserError, match=r"batch 512 per worker at 192 px does not fit"):
-            probe_largest_step(model, loss, device, batch=512, res=192, num_classes=1000,
-                               autocast=dtype, image_dtype=torch.float16, channels_last=True)
-        line = probe_largest_step(model, loss, device, batch=8, res=192, num_classes=1000,
-                                  autocast=dtype, image_dtype=torch.float16, channels_last=True)
+            probe_largest_step(model, loss, device, batch=512, res=192, **step)
+        line = probe_largest_step(model, loss, device, batch=8, res=192, **step)
         assert line.startswith("batch 8 at 192 px fits")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -123,6 +137,7 @@ def test_the_probe_meets_a_real_out_of_memory_under_a_memory_cap():
 
 
 def test_bench_gpu_measures_the_recipe():
+    _needs("torchvision", "pydantic", "yaml")
     import argparse
 
     from pipeline.bench.gpu import add_arguments, measure

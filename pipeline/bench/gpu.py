@@ -4,7 +4,8 @@ Needs torch and torchvision only (and this package's light dependencies: numpy, 
 pyyaml): no ffcv, no Ray, no services, so it runs on a machine that has just been handed a GPU.
 The model, the precision choice, the optimizer, the lr schedule and the training step are the
 training run's own (ImageNetTrainer without its loaders); the memory search is the run's own
-probe (training/probe.py), holding the loaders' device buffers as a run does.
+probe (training/probe.py), holding the train loader's device buffers and DDP's buckets as a run
+does.
 
 Prints: img/s per GPU for the arch at each resolution (the precision `auto` picks,
 channels-last); one step in every precision (fp32, bf16, fp16); the largest per-worker batch
@@ -119,19 +120,31 @@ def largest_batch(fits: Callable[[int], bool], limit: int, step: int = 8) -> int
     return lo
 
 
-def batch_fits(trainer, res: int) -> Callable[[int], bool]:
-    """Whether a run's step of `batch` at `res` fits, with the loaders' device buffers held."""
+def bench_reserve_bytes(trainer, batch: int, res: int) -> int:
+    """What a run holds beside its step of `batch` at `res` that this bench has not allocated:
+    the train loader's device buffers and DDP's gradient buckets (a run of several workers has
+    them; the bench's bare model has none), counted by the run's own probe.step_reserve_bytes,
+    so a batch this bench says fits is one the run's probe accepts."""
     import torch
 
-    from ..training.probe import _torch_dtype, loader_device_bytes, try_step
+    from ..training.probe import _torch_dtype, step_reserve_bytes
+
+    itemsize = torch.empty((), dtype=_torch_dtype(trainer.precision.loader_dtype)).element_size()
+    params = sum(p.numel() * p.element_size() for p in trainer.bare_model.parameters())
+    return step_reserve_bytes(batch, res, itemsize, ddp_param_bytes=params)
+
+
+def batch_fits(trainer, res: int) -> Callable[[int], bool]:
+    """Whether a run's step of `batch` at `res` fits, with what the run holds beside it."""
+    import torch
+
+    from ..training.probe import _torch_dtype, try_step
 
     r = trainer.recipe
     dtype = _torch_dtype(trainer.precision.loader_dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
 
     def fits(batch: int) -> bool:
-        reserve = (loader_device_bytes(batch, res, itemsize)
-                   + loader_device_bytes(r.val_batch_size, r.val_res, itemsize))
+        reserve = bench_reserve_bytes(trainer, batch, res)
         try:
             try_step(trainer.bare_model, trainer.loss, trainer.device, batch=batch, res=res,
                      num_classes=len(trainer.classes), autocast=trainer.precision.autocast,
@@ -177,22 +190,38 @@ def measure(device, args) -> dict:
                               "recipe_batch_fits": largest >= probe.recipe.batch_size}}
 
 
+def no_cuda(torch_version: str, torch_cuda: str | None, driver: str | None = None) -> int:
+    """Without a usable CUDA device: exit 2 with the driver's line when there is a GPU whose
+    driver is too old for torch's CUDA (torch then says only that CUDA is unavailable), else say
+    it is skipped and exit 0."""
+    from ..training.gpu_env import driver_supports, driver_version
+
+    too_old = driver_supports(torch_cuda, driver or driver_version())
+    if too_old:
+        say(f"bench gpu: {too_old}")
+        return 2
+    say(f"bench gpu: skipped: no CUDA device here (torch {torch_version}, "
+        f"CUDA build {torch_cuda or 'none'})")
+    return 0
+
+
 def run(args) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        say(f"bench gpu: skipped: no CUDA device here (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda or 'none'})")
-        return 0
+        return no_cuda(torch.__version__, torch.version.cuda)
+    from ..ops.preflight_probes import gpu_lines
     from . import _table
 
+    for line in gpu_lines():   # what `pipeline preflight` checks on each GPU node
+        say(f"preflight: {line}")
     out = measure(torch.device("cuda", 0), args)
     say(f"{out['device']}: {out['precision']}")
     say(_table(out["rows"], ["what", "res", "batch", "precision", "images_per_s"]))
     for p, line in out["one_step"].items():
         say(f"one step {p}: {line}")
     big = out["largest_batch"]
-    say(f"largest batch per GPU at {big['res']} px (with the loaders' device buffers): "
+    say(f"largest batch per GPU at {big['res']} px (with the train loader's buffers and DDP's buckets): "
         f"{big['batch']}; the recipe's {big['recipe_batch']} "
         f"{'fits' if big['recipe_batch_fits'] else 'does NOT fit: lower --batch-size'}")
     say(json.dumps({"bench": "gpu", **out}))

@@ -33,6 +33,37 @@ def loader_device_bytes(batch: int, res: int, image_itemsize: int) -> int:
     return FFCV_DEVICE_BATCHES * batch * 3 * res * res * (1 + image_itemsize)
 
 
+def step_reserve_bytes(batch: int, res: int, image_itemsize: int, *,
+                       loader_started_res: int | None = None, ddp_param_bytes: int = 0) -> int:
+    """Device bytes a run holds beside its largest training step (`batch` images at `res` in
+    the train loader) that are not yet allocated where the probe runs.
+
+    - The train loader's buffers at `res`, less those already allocated: FFCV allocates an
+      epoch's buffers when the epoch starts (the trainer starts the first one before the probe,
+      at `loader_started_res`) and frees them when it ends, so at `res` only `res`'s exist.
+    - Not the validation loader's: its buffers exist only while validating, never beside
+      training activations (and the caching allocator reuses them for the next epoch's).
+    - DDP's gradient buckets (the parameters' size) only where they are not built yet
+      (`ddp_param_bytes`: `bench gpu`, which has no DDP); a run wraps its model before the
+      probe, so they are already allocated there.
+    """
+    need = loader_device_bytes(batch, res, image_itemsize)
+    have = loader_device_bytes(batch, loader_started_res, image_itemsize) \
+        if loader_started_res else 0
+    return max(0, need - have) + ddp_param_bytes
+
+
+def run_reserve_bytes(trainer, res: int) -> int:
+    """step_reserve_bytes for an ImageNetTrainer about to be probed at `res`."""
+    itemsize = torch.empty((), dtype=_torch_dtype(trainer.precision.loader_dtype)).element_size()
+    started = getattr(trainer, "started", None)
+    # the loader's batch is this rank's part of the global batch (more than batch_size with
+    # fewer workers than the run may have; trained in micro-batches of batch_size)
+    return step_reserve_bytes(trainer.train_reads.count, res, itemsize,
+                              loader_started_res=trainer.get_resolution(started[0])
+                              if started is not None else None)
+
+
 def try_step(model: nn.Module, loss_fn, device: torch.device, *, batch: int, res: int,
              num_classes: int, autocast: torch.dtype | None = None,
              image_dtype: torch.dtype = torch.float32, channels_last: bool = False,
@@ -122,20 +153,15 @@ def probe_largest_step(model: nn.Module, loss_fn, device: torch.device, *, batch
 def check_largest_step(trainer) -> str | None:
     """probe_largest_step for an ImageNetTrainer: its largest resolution, its per-worker batch,
     and the device memory its loaders and optimizer will hold by then."""
+    from .trainer import largest_micro_batch
+
     r = trainer.recipe
     epoch, res = max(((e, trainer.get_resolution(e)) for e in range(r.epochs)),
                      key=lambda p: (p[1], -p[0]))
-    itemsize = torch.empty((), dtype=_torch_dtype(trainer.precision.loader_dtype)).element_size()
-    reserve = 0
-    if trainer.device.type == "cuda":
-        # the loader's batch is this rank's part of the global batch (more than batch_size
-        # with fewer workers than the run may have; trained in micro-batches of batch_size)
-        reserve = (loader_device_bytes(trainer.train_reads.count, res, itemsize)
-                   + loader_device_bytes(r.val_batch_size, r.val_res, itemsize))
-        if trainer.model is not trainer.bare_model:   # DDP's gradient buckets
-            reserve += sum(p.numel() * p.element_size() for p in trainer.bare_model.parameters())
+    reserve = run_reserve_bytes(trainer, res) if trainer.device.type == "cuda" else 0
     return probe_largest_step(
-        trainer.bare_model, trainer.loss, trainer.device, batch=r.batch_size, res=res,
+        trainer.bare_model, trainer.loss, trainer.device, res=res,
+        batch=largest_micro_batch(trainer.train_reads.count, r.batch_size),
         num_classes=len(trainer.classes), autocast=trainer.precision.autocast,
         image_dtype=_torch_dtype(trainer.precision.loader_dtype),
         channels_last=trainer.device.type == "cuda" and r.channels_last,

@@ -3,6 +3,7 @@ imported, and its measurements are the training run's own code (run here on the 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,11 @@ BLOCKED = "import sys\nfor m in ('ffcv', 'ray', 'mlflow', 'boto3', 'pyarrow', 'n
 
 def test_skips_in_words_where_ffcv_and_ray_cannot_be_imported():
     code = BLOCKED + "from pipeline.cli import main\nsys.exit(main(['bench', '--verbose', 'gpu']))"
+    # no CUDA device for this process, on a GPU machine too (there the whole measurement would
+    # run: tests/test_gpu.py does that)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench gpu: skipped: no CUDA device here"), lines
@@ -58,3 +62,16 @@ def test_measure_runs_the_recipe_on_cpu():
     assert all(line.startswith("ok: fp32") for line in out["one_step"].values())   # CPU: fp32
     assert out["largest_batch"] == {"res": 48, "batch": 16, "recipe_batch": 512,
                                     "recipe_batch_fits": False}
+
+
+def test_a_driver_too_old_for_torch_s_cuda_is_named_not_skipped(monkeypatch):
+    """torch says only that CUDA is unavailable when the driver is too old: the bench says
+    which driver and which CUDA, and exits 2."""
+    from pipeline.bench import gpu
+
+    lines: list[str] = []
+    monkeypatch.setattr(gpu, "say", lines.append)
+    assert gpu.no_cuda("2.14.1", "13.0", driver="535.183.01") == 2
+    assert len(lines) == 1 and "driver 535.183.01 is too old for torch's CUDA 13.0" in lines[0]
+    assert gpu.no_cuda("2.14.1", "13.0", driver="580.95.05") == 0
+    assert lines[1].startswith("bench gpu: skipped: no CUDA device here")

@@ -127,3 +127,47 @@ def test_a_run_probes_its_largest_resolution_and_its_batch(monkeypatch):
     with pytest.raises(UserError, match=r"batch 512 per worker at 192 px does not fit in cpu .* "
                                         r"\(the run reaches 192 px at epoch 13\)"):
         check_largest_step(trainer)
+
+
+def test_the_probe_reserves_only_what_is_not_allocated_yet():
+    """ResNet-50's recipe, 512 per worker, fp16 images: the train loader has started its first
+    epoch at 160 px (its buffers allocated), the probe asks about 192 px: it reserves only the
+    difference; no validation buffers (never alive beside training activations); no DDP buckets
+    (already built by the wrapped model). The old accounting held ~1.35 GiB more."""
+    from pipeline.training.probe import step_reserve_bytes
+
+    at_160, at_192 = loader_device_bytes(512, 160, 2), loader_device_bytes(512, 192, 2)
+    assert step_reserve_bytes(512, 192, 2, loader_started_res=160) == at_192 - at_160
+    assert step_reserve_bytes(512, 192, 2, loader_started_res=192) == 0
+    assert step_reserve_bytes(512, 192, 2) == at_192   # no epoch started yet
+    assert step_reserve_bytes(512, 192, 2, ddp_param_bytes=100) == at_192 + 100
+    old = at_192 + loader_device_bytes(256, 256, 2) + 25_557_032 * 4
+    assert (old - (at_192 - at_160)) / 2**30 == pytest.approx(1.35, abs=0.02)
+
+
+def test_a_run_reserves_from_its_started_epoch_and_bench_gpu_holds_the_same_total():
+    """What the run has allocated plus what its probe reserves equals what `bench gpu` reserves
+    on a bare device: a batch the bench says fits is accepted by the run."""
+    from types import SimpleNamespace
+
+    from pipeline.bench.gpu import bench_reserve_bytes
+    from pipeline.config import Recipe
+    from pipeline.training.precision import Precision
+    from pipeline.training.probe import run_reserve_bytes
+    from pipeline.training.trainer import resolution_at
+
+    import numpy as np
+
+    recipe = Recipe()
+    model = build_model("resnet18", 10)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    bf16 = Precision(torch.bfloat16, np.float16, False, "")
+    trainer = SimpleNamespace(recipe=recipe, get_resolution=lambda e: resolution_at(recipe, e),
+                              precision=bf16, train_reads=SimpleNamespace(count=512),
+                              started=(0, None, None), bare_model=model)
+    reserve = run_reserve_bytes(trainer, 192)
+    allocated = loader_device_bytes(512, 160, 2) + params   # epoch 0's buffers, DDP's buckets
+    assert reserve == loader_device_bytes(512, 192, 2) - loader_device_bytes(512, 160, 2)
+    assert allocated + reserve == bench_reserve_bytes(trainer, 512, 192)
+    trainer.started = None   # a resumed run whose first epoch has not started: all of it
+    assert run_reserve_bytes(trainer, 192) == loader_device_bytes(512, 192, 2)
