@@ -404,6 +404,66 @@ def cmd_submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
 
+# -- preflight ----------------------------------------------------------------------------------
+def _preflight_args(p):
+    from .ops.preflight import DEFAULT_TIMEOUT_S
+
+    p.add_argument("--data", help="the staged dataset the run will read (local or s3://; "
+                                  "default: the config file's train: data, else stage: dest)")
+    p.add_argument("--cache-dir", help="node cache folder (default: the config file's, else "
+                                       "each node's PIPELINE_CACHE_DIR, else a temp folder)")
+    p.add_argument("--experiment", default="pipeline", help="MLflow experiment the run logs to")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds for the whole check (default: {DEFAULT_TIMEOUT_S:g}); a node "
+                        "that has not answered by then fails")
+    p.add_argument("--metadata-endpoint", help="instance metadata server (default: the cloud's, "
+                                               "169.254.169.254)")
+
+
+def preflight_settings(args) -> tuple[str, str]:
+    """(dataset, cache dir): the flags, else the config file's, as `train` or `run` reads it."""
+    from .config import SECTIONS, load_yaml
+
+    values = load_yaml(args.config)
+    train = (values.get("train") or {}) if any(k in SECTIONS for k in values) else values
+    data = args.data or train.get("data") or (values.get("stage") or {}).get("dest") or ""
+    return str(data), str(args.cache_dir or train.get("cache_dir") or "")
+
+
+@command("preflight", "check in one minute that a run on this cluster would work",
+         "On every node of the cluster: GPUs and driver vs torch's CUDA, a matmul, an all-reduce "
+         "across every rank with its bus bandwidth, read throughput from the dataset, the node "
+         "cache's free space and write speed, the spot agent; from here: MLflow takes a write. "
+         "One table, one line per problem with what to do; exit 2 if a run would fail.",
+         arguments=_preflight_args, groups=("config", "ray", "tracking", "json", "verbose", "s3"),
+         resume_hint="nothing was changed; re-run to check again")
+def cmd_preflight(args) -> int:
+    from dataclasses import replace
+
+    from .ops.preflight import Check, problem_lines, run_preflight, table
+    from .storage import absolute
+    from .tracking import tracking_uri
+
+    if not args.timeout > 0:
+        raise UserError("--timeout takes a number of seconds above 0")
+    storage = _storage(args)
+    # a preflight says what is wrong within its minute; it does not ride out an outage
+    storage.s3 = replace(storage.s3, outage_seconds=min(storage.s3.outage_seconds, 5.0))
+    data, cache_dir = preflight_settings(args)
+    out = run_preflight(absolute(data), storage, args.ray_address,
+                        tracking_uri(args.tracking_uri), args.experiment, cache_dir,
+                        args.timeout, args.metadata_endpoint, say=console.say)
+    checks = [Check(**c) for c in out["checks"]]
+    console.say(table(checks))
+    for line in problem_lines(checks):
+        console.say(line)
+    console.say(f"[preflight] {len(out['nodes'])} nodes checked in {out['seconds']:g} s: "
+                + ("a run would work" if out["ok"] else "a run would fail (exit 2)"))
+    if args.json:
+        _print_json(out)
+    return out["exit"]
+
+
 # -- spot-agent ---------------------------------------------------------------------------------
 def _spot_agent_args(p):
     from .ops import spot_agent as sa

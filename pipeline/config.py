@@ -116,8 +116,9 @@ class LoaderSettings(Settings):
 
     placement: Literal["auto", "global", "node"] = Field(
         "auto", description="global: every node holds every shard and each epoch is one shuffle "
-                            "of the whole split; node: each node holds ~1/N of each split (whole "
-                            "shards) and shuffles its own share; auto: global when the dataset "
+                            "of the whole split; node: each node reads its exact share of each "
+                            "split (whole shards and at most two cut ones) and shuffles it; "
+                            "auto: global when the dataset "
                             "fits in memory_fraction of every node's memory, else node")
     read_mode: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: FFCV reads the node file through the page cache in fully "
@@ -140,7 +141,15 @@ class Resources(Settings):
                                               "training that grows as nodes join")
     gpus_per_worker: int = Field(0, description="GPUs per worker: 1, or 0 to train on CPU (one "
                                                 "GPU per worker: for more GPUs, more workers)")
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (also its loader threads)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (Ray's reservation; also "
+                                                      "its loader threads on CPU workers)")
+    loader_threads: int = Field(0, ge=0, description="FFCV decode threads per worker (0: on GPU "
+                                "workers the node's CPUs per GPU, e.g. 12 on a p4d or g5.12xlarge; "
+                                "on CPU workers cpus_per_worker)")
+    accelerator_type: str = Field("", description="GPU type every worker must have, as Ray names "
+                                  "it (A10G, A100, H100, L4...): the run is placed only on such "
+                                  "nodes; 'any' lets one run mix GPU types; empty: one type, "
+                                  "whichever the workers get (a mix ends the run at start)")
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="extra custom Ray resources per worker, e.g. "
                                           "trainer=1 (flag: NAME=AMOUNT[,NAME=AMOUNT])")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -356,6 +357,9 @@ def registered_files(model_uri: str, uri: str | None = None) -> Path:
                     "in its artifacts/ or extra_files/)")
 
 
+INTERRUPTED_WAIT_S = 10.0   # the most MLflow may add to the end of an interrupted run
+
+
 class TrackedRun:
     """The MLflow run of one training, from start (found again by name when the training
     resumes) to its end status; workers log into it through RunLog."""
@@ -401,3 +405,24 @@ class TrackedRun:
             self._record_preemptions(log, summary.get("preemptions", []))
         if log.flush():
             end_run(self.uri, self.run_id, status)
+
+    def interrupted(self, within: float = INTERRUPTED_WAIT_S) -> bool:
+        """Ctrl-C or SIGTERM: mark the run KILLED, each call tried once, and go on after `within`
+        s whatever the store does (a server that hangs takes minutes through MLflow's retries, a
+        SQLite store stays locked while the workers, alive until the driver exits, write to it):
+        the user waits for the run to end, not for MLflow. Nothing is lost: held metrics stay in
+        the outbox and the resumed run's first log sends them. False when it gave up."""
+        def mark():
+            RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say).flush(timeout=0)
+            end_run(self.uri, self.run_id, "KILLED")
+
+        # a daemon thread: one that is still waiting when the driver exits ends with it
+        thread = threading.Thread(target=mark, name="mlflow-killed", daemon=True)
+        thread.start()
+        thread.join(within)
+        if thread.is_alive():
+            self.say(f"[mlflow] warning: {redact(self.uri)} did not answer within {within:g} s; "
+                     f"run {self.run_id} stays RUNNING until the run is resumed (its held metrics "
+                     f"are kept in {self.outbox})")
+            return False
+        return True

@@ -1,19 +1,30 @@
 """Fixtures for real services: SeaweedFS S3 on loopback, multi-node Ray clusters on one machine."""
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
-from pipeline.ops.local_services import start_seaweedfs
-from pipeline.data.sample_data import generate
-from pipeline.storage import S3Settings, Storage
+# Nothing in a test may reach the cloud's instance metadata address (169.254.169.254: off this
+# machine): preflight and the spot agent ask the loopback discard port instead (refused at once:
+# "not a cloud VM"), and boto3 never looks for instance credentials. Set before any import of
+# the package (spot_agent reads it at import), and inherited by every process a test starts.
+os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+from pipeline.ops.local_services import start_seaweedfs  # noqa: E402
+from pipeline.data.sample_data import generate  # noqa: E402
+from pipeline.storage import S3Settings, Storage  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3 server (`weed mini`) on free loopback ports, keys enforced; stopped by PID."""
-    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    from helpers import on_fresh_ports
+
+    server = on_fresh_ports(lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")),
+                            "SeaweedFS")
     try:
         yield server
     finally:
@@ -56,9 +67,12 @@ def start_cluster(trainer_nodes: int, s3_env: dict, caches: NodeCaches, slots: i
 
     # Own dashboard port: several clusters may be up at once, and Ray Train's controller needs
     # the State API that the dashboard serves.
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0],
-                                      "env_vars": {**s3_env, **caches.new()}})
+    from helpers import on_fresh_ports
+
+    cluster = on_fresh_ports(lambda: Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_ports(1)[0],
+                                              "env_vars": {**s3_env, **caches.new()}}),
+        "the Ray head")
     cluster.node_env = lambda: {**s3_env, **caches.new()}
     for _ in range(trainer_nodes):
         add_trainer_node(cluster, slots)
@@ -115,7 +129,10 @@ def mlflow_server(s3, tmp_path_factory):
     from pipeline.ops.local_services import create_bucket, start_mlflow
 
     create_bucket(S3Settings(s3.endpoint, s3.access_key, s3.secret_key).client(), "mlflow")
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3, bucket="mlflow")
+    from helpers import on_fresh_ports
+
+    server = on_fresh_ports(lambda: start_mlflow(tmp_path_factory.mktemp("mlflow"), s3,
+                                                 bucket="mlflow"), "the MLflow server")
     try:
         yield server
     finally:
@@ -146,37 +163,46 @@ def ray_head(s3):
     import urllib.error
     import urllib.request
 
-    from helpers import wait_for
+    from helpers import on_fresh_ports, wait_for
 
     from pipeline.ops.local_services import free_ports, stop_pid
 
-    gcs, dash, agent, client = free_ports(4)
-    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")   # short: Ray's socket paths are limited
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **s3.env())
     env.pop("RAY_ADDRESS", None)
     # a head started while a token exists requires it from every client, as on a real cluster
     subprocess.run([os.path.join(bin_dir, "ray"), "get-auth-token", "--generate"], env=env,
                    capture_output=True, check=True, timeout=120)
-    proc = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
-    def answers() -> bool:   # the dashboard answers 401 without the token once it is up
+    def start():
+        gcs, dash, agent, client = free_ports(4)
+        temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")   # short: Ray's socket paths are limited
+        proc = subprocess.Popen(
+            [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+             f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+        def answers() -> bool:   # the dashboard answers 401 without the token once it is up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                return True
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return False
+
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-            return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
+            wait_for(answers, "the Ray head's dashboard", 90, proc)
+        except BaseException:
+            stop_pid(proc.pid, timeout=60)
+            raise
+        return proc, types.SimpleNamespace(address=f"http://127.0.0.1:{dash}", temp=temp)
 
+    proc, head = on_fresh_ports(start, "the Ray head (ray start)")
     try:
-        wait_for(answers, "the Ray head's dashboard", 90, proc)
-        yield types.SimpleNamespace(address=f"http://127.0.0.1:{dash}", temp=temp)
+        yield head
     finally:
         stop_pid(proc.pid, timeout=60)
 
@@ -186,17 +212,17 @@ def fake_metadata():
     """A cloud VM's instance metadata server on 127.0.0.1 (the real one is link-local on a VM):
     AWS IMDSv2 (token, then spot/instance-action: 404 until a notice) or GCP (instance/preempted,
     Metadata-Flavor: Google). Set `.provider`, `.notice` (the body a notice answers), `.fail` (an
-    HTTP status, 'hang' past the client's timeout, or 'close' without an answer), `.revoke()`
-    the tokens given; `.requests` lists what came in."""
+    HTTP status, 'hang' until the test ends, or 'close' without an answer), `.revoke()`
+    the tokens given; `.requests` lists what came in, `.hangs_ended` how many hangs ended."""
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class State:
-        provider, notice, fail, hang_seconds = "aws", None, None, 3.0
+        provider, notice, fail = "aws", None, None
 
         def __init__(self):
             self.requests, self.tokens = [], set()
+            self.release, self.hangs_ended = threading.Event(), 0
 
         def revoke(self):
             self.tokens.clear()
@@ -218,8 +244,9 @@ def fake_metadata():
 
         def handle_one(self, method):
             state.requests.append((method, self.path, {k.lower(): v for k, v in self.headers.items()}))
-            if state.fail == "hang":
-                time.sleep(state.hang_seconds)
+            if state.fail == "hang":   # until the test ends: only a client timeout ends a call
+                state.release.wait(600)
+                state.hangs_ended += 1
             if state.fail in ("hang", "close"):
                 self.close_connection = True
                 return
@@ -260,5 +287,6 @@ def fake_metadata():
     try:
         yield state
     finally:
+        state.release.set()
         server.shutdown()
         server.server_close()

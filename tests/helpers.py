@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.storage import Storage
+from ray_internals import actor_ids, pending_placement_groups, train_workers  # noqa: F401
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
@@ -54,6 +55,19 @@ def wait_for(check, what: str, timeout: float = 300, proc=None):
             assert proc.poll() is None, f"the process ended before {what}"
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.2)
+
+
+def on_fresh_ports(start, what: str, attempts: int = 3):
+    """start() a service on ports it chooses afresh each call (free_ports): a port found free
+    may be taken by another process before the service binds it, and the service then fails to
+    start; it is started again, on new ports, a bounded number of times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except Exception as exc:   # noqa: BLE001 - any failure to start; the last one is raised
+            if attempt == attempts:
+                raise
+            print(f"{what} did not start ({type(exc).__name__}: {exc}); again on new ports")
 
 
 def last_json(stdout: str) -> dict:
@@ -133,32 +147,6 @@ def events(run_dir: Path, kind: str) -> list[dict]:
     return sorted(found, key=lambda e: e["time"])
 
 
-def train_workers(address: str) -> list[int]:
-    """The pids of the live Ray Train workers of the cluster at `address` (its State API, not a
-    scan of every process: another suite's cluster on this machine has workers too)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=address, limit=10_000, filters=[
-        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
-
-
-def actor_ids(address: str, class_name: str) -> set[str]:
-    """Every actor of this class the cluster at `address` has had, alive or dead."""
-    from ray.util.state import list_actors
-
-    return {a.actor_id for a in list_actors(address=address, limit=10_000,
-                                            filters=[("class_name", "=", class_name)])}
-
-
-def pending_placement_groups(address: str) -> set[str]:
-    """Placement groups of the cluster at `address` still waiting for room."""
-    from ray.util.state import list_placement_groups
-
-    return {p.placement_group_id for p in list_placement_groups(
-        address=address, limit=10_000, filters=[("state", "=", "PENDING")])}
-
-
 class Running:
     """A `pipeline` command running in the background, its output lines collected as they come
     (stdout and stderr together), so a test can wait for a line before it changes the cluster."""
@@ -190,18 +178,24 @@ class Running:
 
 
 def expected_epoch_samples(data: str, epochs: int, seed: int, layouts) -> list[dict]:
-    """epoch_samples (count and digest per epoch) of an undisturbed run whose train split is read
-    under `layouts[epoch]` (placement.Layout), computed from the order alone: what a run on fresh
-    caches reads."""
+    """epoch_samples (count, digest and views per epoch) of an undisturbed run whose train split
+    is read under `layouts[epoch]` (placement.Layout), computed from the order alone: what a run
+    on fresh caches reads; views from the stored image sizes in the shards (`data` a folder)."""
+    from ffcv.reader import Reader
+
     from pipeline.data.manifest import read_manifest
     from pipeline.data.placement import SampleIds, digest_hex, epoch_reads
+    from pipeline.data.views import views, views_digest
 
     manifest = read_manifest(Storage(), data)
     ids = SampleIds(manifest.splits["train"].shards)
+    images = np.concatenate([Reader(os.path.join(data, path)).metadata["f0"] for path in ids.paths])
     out = []
     for epoch in range(epochs):
         layout = layouts[epoch]
         world = sum(len(g.ranks) for g in layout.groups)
         read = np.concatenate([epoch_reads(ids, layout, r, seed, epoch).gids for r in range(world)])
-        out.append({"epoch": epoch + 1, "samples": len(read), "digest": digest_hex(ids.digest(read))})
+        rows = views(seed, epoch, read, images["height"][read], images["width"][read])
+        out.append({"epoch": epoch + 1, "samples": len(read), "digest": digest_hex(ids.digest(read)),
+                    "views": digest_hex(views_digest(ids, read, rows))})
     return out

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import PIPELINE, events, last_json, mlflow_client, run_cli, upload_tree, wait_for
+from ray_internals import TRAIN_WORKER, registered_checkpoint
+
+from pipeline.training.trainer import HOLD_ENV
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -29,7 +32,9 @@ def write_config(path: Path, source: str, work: Path, tune: bool, model: str) ->
                      "shard_size": 200},
            "train": {**TINY_TRAIN, "storage": str(work / "runs"), "cache_dir": str(work / "cache"),
                      "worker_resources": {"trainer": 1}},
-           "register": {"model": model}}
+           # a gate any trained model passes: the chain is under test here, not learning on a
+           # few hundred images (the gate itself: test_registry)
+           "register": {"model": model, "min_val_top1": 0.01}}
     if tune:
         cfg["tune"] = {"name": "sweep", "trials": 1, "scheduler": "none",
                        "search_space": {"lr": {"grid": [0.4, 0.2]}}}
@@ -38,14 +43,10 @@ def write_config(path: Path, source: str, work: Path, tune: bool, model: str) ->
 
 
 NOISE = ("core_worker", "raylet", "Trial status", "KeyError", "Traceback", "PreemptionWatcher",
-         "placement group", "(RayTrainWorker pid=")
+         "placement group", f"({TRAIN_WORKER} pid=")
 
 
-def _registered(run_dir: Path, epoch: int) -> bool:
-    try:
-        return f'"epoch-{epoch:04d}-' in (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return False
+_registered = registered_checkpoint
 
 
 def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, tmp_path):
@@ -58,12 +59,16 @@ def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, t
     env = {"RAY_ADDRESS": ray_cluster.address}
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     runs = tmp_path / "runs" / "sweep" / "runs"
+    # every trial is held at the first step of epoch 2 (never released): Ctrl-C comes mid-sweep
+    # however fast the machine
+    hold = tmp_path / "hold"
     proc = subprocess.Popen([PIPELINE, "run", "--config", str(config), "--json"],
-                            env=dict(os.environ, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            env=dict(os.environ, **env, **{HOLD_ENV: f"1:0:{hold}"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: [t for t in runs.glob("*") if _registered(t, 1)],
                  "a trial's checkpoint of epoch 1", 400, proc)
+        wait_for(lambda: Path(f"{hold}.held").exists(), "a trial held in epoch 2", 400, proc)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=300)
     finally:
@@ -76,11 +81,19 @@ def test_run_chain_then_rerun_resumes_without_redoing(train_data, ray_cluster, t
     # trials stopped after a checkpoint, before their end (nothing is written once it exited)
     stopped = [t for t in runs.iterdir() if _registered(t, 1) and not (t / "summary.json").exists()]
     assert stopped, "every trial had finished: the interrupt came too late to test a resume"
+    # the interrupted sweep's MLflow runs are KILLED: each stopped trial's run and the sweep's
+    everywhere = [e.experiment_id for e in client.search_experiments()]
+    for trial in stopped:
+        [child] = client.search_runs(everywhere, f"tags.`pipeline.trial_id` = '{trial.name}'")
+        assert child.info.status == "KILLED", (trial.name, child.info.status)
+        parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+        assert parent.info.status == "KILLED", parent.info.status
 
     first = run_cli("run", "--config", config, "--json", env=env)
     out = last_json(first.stdout)
     assert out["dataset"] == str(tmp_path / "staged") and out["model_version"] == "1"
-    assert out["alias"] == "champion" and out["val_top1"] > 0.5
+    best = max(out["trials"], key=lambda t: (t["epochs_completed"], t["val_top1"]))
+    assert out["alias"] == "champion" and out["val_top1"] == best["val_top1"]
     assert "[run] plot:" in first.stdout and "[run] checkpoint:" in first.stdout
     assert len(out["trials"]) == 2 and all(t["epochs_completed"] == 2 for t in out["trials"])
     for trial in stopped:   # the sweep was resumed, and each stopped trial from its checkpoint

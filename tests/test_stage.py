@@ -13,8 +13,11 @@ import pytest
 from helpers import (PIPELINE, class_from_colour, grey16_png, jpeg_claiming, last_json, png_claiming,
                      read_shard, run_cli, upload_tree, wait_for)
 
+from ray_internals import stage_shard_tasks
+
 from pipeline.ops.local_services import free_ports
 from pipeline.data.manifest import read_manifest
+from pipeline.data.stage import HOLD_ENV
 from pipeline.data.shards import plan_digest, plan_shards, shard_task_memory
 from pipeline.data.source import discover
 from pipeline.storage import sha256_file
@@ -109,11 +112,8 @@ def test_stage_layout_s3_to_s3(layout, sample_sets, s3, bucket, s3_storage, ray_
         assert manifest.source["bytes_read"] == summary["source_bytes_read"]
         plans = plan_shards(discover(Storage(), sample_sets[layout]), manifest.writer, 7)
         assert plan_digest(plans, [c.wnid for c in manifest.classes]) == manifest.plan
-        from ray.util.state import list_tasks
-
-        asked = {t.required_resources.get("memory") for t in list_tasks(
-            address=ray_cluster.address, limit=10_000, detail=True,
-            filters=[("func_or_class_name", "=", "_stage_shard_task")])}
+        asked = {t.required_resources.get("memory")
+                 for t in stage_shard_tasks(ray_cluster.address, detail=True)}
         assert {shard_task_memory(p, manifest.writer) for p in plans} <= asked
 
     before = objects()
@@ -122,6 +122,53 @@ def test_stage_layout_s3_to_s3(layout, sample_sets, s3, bucket, s3_storage, ray_
                               env={**s3.env(), "RAY_ADDRESS": ray_cluster.address}).stdout)
     assert again["shards_written"] == 0 and again["shards_reused"] == summary["shards_written"]
     assert objects() == before
+
+
+def test_a_second_stage_of_unchanged_archives_lists_nothing(sample_sets, s3, bucket, s3_storage,
+                                                            ray_cluster, tmp_path):
+    """On S3, counted where Storage makes its requests: the second run of the same command makes
+    one HEAD per archive and no read of the source, and says the data is staged; an archive
+    written again (same images, other bytes) is noticed and listed again; one with other images
+    is refused without --replace, as before."""
+    import tarfile
+
+    src, dest = f"s3://{bucket}/imagenet", f"s3://{bucket}/staged/imagenet-64"
+    upload_tree(s3_storage, sample_sets["tars"], src)
+    archives = len(list(Path(sample_sets["tars"]).iterdir()))
+    args = ("stage", "--source", src, "--dest", dest, "--shard-size", 7, "--json")
+    env = {**s3.env(), "RAY_ADDRESS": ray_cluster.address}
+    first = last_json(run_cli(*args, env=env).stdout)
+    assert first["listing_gets"] > 0 and first["source_gets"] > first["listing_gets"], first
+    assert not first["already_staged"]
+    manifest = read_manifest(s3_storage, dest)
+    assert set(manifest.source["files"]) == {p.name for p in Path(sample_sets["tars"]).iterdir()}
+
+    proc = run_cli(*args, env=env)
+    again = last_json(proc.stdout)
+    assert again["already_staged"] and "nothing to do" in proc.stdout + proc.stderr
+    assert (again["source_gets"], again["listing_gets"], again["source_lists"]) == (0, 0, 0)
+    assert again["source_heads"] == archives
+    assert again["shards_written"] == 0
+    assert again["shards_reused"] == sum(len(s.shards) for s in manifest.splits.values())
+
+    # the val archive written again with padding after its end: same images, other ETag
+    val = tmp_path / "ILSVRC2012_img_val.tar"
+    s3_storage.download_file(f"{src}/{val.name}", val)
+    val.write_bytes(val.read_bytes() + bytes(10240))
+    s3_storage.upload_file(val, f"{src}/{val.name}")
+    third = last_json(run_cli(*args, env=env).stdout)
+    assert not third["already_staged"] and third["listing_gets"] > 0, third
+    assert third["shards_written"] == 0
+    assert read_manifest(s3_storage, dest).source["files"][val.name][0] == val.stat().st_size
+
+    # one image fewer: other images, refused in words as before
+    smaller = tmp_path / "smaller.tar"
+    with tarfile.open(val) as old, tarfile.open(smaller, "w") as new:
+        for m in old.getmembers()[1:]:
+            new.addfile(m, old.extractfile(m))
+    s3_storage.upload_file(smaller, f"{src}/{val.name}")
+    proc = run_cli(*args, env=env, check=False)
+    assert proc.returncode == 2 and "--replace" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, tmp_path):
@@ -139,12 +186,17 @@ def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, t
     def records():
         return len(list(dest.glob(".parts/*/*.json")))
 
-    for sig, more in ((signal.SIGINT, 3), (signal.SIGTERM, 3), (signal.SIGKILL, 3)):
-        proc = subprocess.Popen([PIPELINE, *args, "--dest", str(dest)], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        target = records() + more
-        wait_for(lambda: records() >= target, f"{target} shard records", 180, proc)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        # each run is held once it has written 3 shards (nothing in flight with --workers 1)
+        # until the signal ends it: interrupted mid-stage however fast the machine
+        hold = tmp_path / f"hold-{sig.name}"
+        target = records() + 3
+        proc = subprocess.Popen([PIPELINE, *args, "--dest", str(dest)], text=True,
+                                env={**env, HOLD_ENV: f"3:{hold}"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        wait_for(lambda: Path(f"{hold}.held").exists(), "the stage held at its third shard",
+                 300, proc)
+        assert records() == target
         if sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -159,7 +211,7 @@ def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, t
         assert not (dest / "manifest.json").exists()
     done_before = records()
     assert not (dest / "manifest.json").exists()
-    assert done_before < planned
+    assert done_before == 9 < planned
     # a reader refuses the half-staged dataset
     from pipeline.errors import UserError
 
@@ -167,7 +219,7 @@ def test_resume_after_kill_matches_uninterrupted_run(sample_sets, ray_cluster, t
         read_manifest(Storage(), str(dest))
 
     summary = last_json(run_cli(*args, "--dest", dest).stdout)
-    assert summary["shards_reused"] >= done_before - 1   # one may have been mid-write
+    assert summary["shards_reused"] == done_before   # each run was held with none in flight
     assert summary["shards_written"] + summary["shards_reused"] == planned
     assert (dest / "manifest.json").read_text() == (reference / "manifest.json").read_text()
     for shard in reference.glob("*/shard-*.beton"):
@@ -349,7 +401,6 @@ def test_a_stage_killed_mid_upload_leaves_an_upload_that_the_next_run_aborts(
     uploads one (found through the cluster's State API). Ray runs the task again and the stage
     finishes, but the killed upload stays unfinished in the bucket (storage is billed for its
     parts) until the next run aborts it."""
-    from ray.util.state import list_tasks
 
     from pipeline.data.sample_data import generate
 
@@ -368,10 +419,8 @@ def test_a_stage_killed_mid_upload_leaves_an_upload_that_the_next_run_aborts(
                 client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
 
     def shard_workers():
-        return {t.worker_pid for t in list_tasks(
-            address=ray_cluster.address, limit=10_000, filters=[
-                ("func_or_class_name", "=", "_stage_shard_task"), ("state", "=", "RUNNING")])
-            if t.worker_pid}
+        return {t.worker_pid for t in stage_shard_tasks(ray_cluster.address, "RUNNING")
+                if t.worker_pid}
 
     proc = subprocess.Popen([PIPELINE, *map(str, args)], env={**os.environ, **env,
                             "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -400,16 +449,20 @@ def test_one_stage_at_a_time_per_destination(sample_sets, ray_cluster, tmp_path)
     """Two stages into one destination at once (quality 90 and 40): the second refuses in one
     line, the first finishes, and the dataset is the first's."""
     dest = tmp_path / "staged"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, TQDM_DISABLE="1")
+    hold = tmp_path / "hold"   # the first is held at its third shard until the second refused
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address, TQDM_DISABLE="1",
+               **{HOLD_ENV: f"3:{hold}"})
     first = subprocess.Popen([PIPELINE, "stage", "--source", sample_sets["folders"], "--dest",
                               str(dest), "--shard-size", "1", "--workers", "1", "--jpeg-quality", "90"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (dest / ".lease.json").exists(), "the first stage's lease", 120, first)
+    wait_for(lambda: Path(f"{hold}.held").exists(), "the first stage held at its third shard", 300,
+             first)
     second = run_cli("stage", "--source", sample_sets["folders"], "--dest", dest, "--shard-size", 1,
                      "--jpeg-quality", 40, env={"RAY_ADDRESS": ray_cluster.address}, check=False)
     assert second.returncode == 2
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "being written by another run" in errors[0], second.stderr
+    hold.touch()
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     assert json.loads((dest / "manifest.json").read_text())["writer"]["jpeg_quality"] == 90

@@ -215,7 +215,9 @@ def start_mlflow(data_dir: str | Path, s3: S3Server | None = None, bucket: str =
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_ports(1)[0]
-    env = dict(os.environ)
+    # MLflow 3 starts a job runner (about eight worker processes, ~1 GB) for its GenAI jobs,
+    # which tracking and the registry never use: off unless the user asks for it
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     if s3 is not None:
         artifacts = f"s3://{bucket}/artifacts"
         env.update(s3.env(), MLFLOW_S3_ENDPOINT_URL=s3.endpoint)

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-DEFAULT_ENDPOINT = "169.254.169.254"     # the same link-local address on AWS and GCP
+# the same link-local address on AWS and GCP; AWS's own SDKs take another from this variable
+# (a test's metadata server on 127.0.0.1, an IMDS proxy)
+DEFAULT_ENDPOINT = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "169.254.169.254"
 DEFAULT_POLL_SECONDS = 5.0               # AWS suggests every 5 s; Ray Train polls drains every 5 s
 DEFAULT_HTTP_TIMEOUT = 2.0
 AWS_TOKEN_PATH = "/latest/api/token"

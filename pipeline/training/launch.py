@@ -20,11 +20,11 @@ from ..storage import Storage, absolute, join
 from ..tracking import Tracking, TrackedRun, lineage_tags, safe_params
 from . import checkpoint, identity
 from .cluster import check_capacity, check_data, worker_bundle
-from .failures import FailureRecorder, Trainer, explain_failure
+from .failures import FailureRecorder, Trainer, explain_failure, grow_key
 from .model import init_state_mismatch
 from .run_events import RunEvents
 from .summary import build_summary, finished_summary, write_summary
-from .trainer import FAULT_ENV
+from .trainer import FAULT_ENV, HOLD_ENV
 from .worker import train_worker
 
 
@@ -43,8 +43,9 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 def worker_env() -> dict[str, str]:
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # our one line per epoch would be logged twice
-    if os.environ.get(FAULT_ENV):   # fault injection for the fault-tolerance tests
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for name in (FAULT_ENV, HOLD_ENV):   # fault injection and holds for the tests
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return env
 
 
@@ -70,7 +71,7 @@ def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir:
 
     lo, hi = cfg.workers_range
     storage_path, filesystem = storage.for_ray(cfg.run.storage)
-    return Trainer(
+    trainer = Trainer(
         train_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=lo if lo == hi else (lo, hi), use_gpu=cfg.resources.gpus_per_worker > 0,
@@ -95,6 +96,11 @@ def make_trainer(cfg: TrainConfig, loop_config: dict, storage: Storage, run_dir:
             callbacks=[FailureRecorder(storage, run_dir), *callbacks],
             worker_runtime_env={"env_vars": worker_env()},
             logging_config=LoggingConfig(log_level="WARNING")))
+    # an elastic run below its minimum waits this long for nodes (Ray's policy: forever), and
+    # grows by a checkpoint and a hand-over, not by Ray's resize (failures.SkipDrainingNodes)
+    trainer.wait_s = 60 * cfg.resources.resource_wait_minutes
+    trainer.grow = grow_key(run_dir)
+    return trainer
 
 
 def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | None = None,
@@ -126,6 +132,9 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
                                   init_state)
         if why:
             raise UserError(why)
+    if not cfg.run.restart:   # another recipe or global batch is refused before Ray starts
+        identity.check(storage, run_dir, "run.json", f"run {cfg.run.name}",
+                       identity.defining(cfg, data_sha))
     connect(ray_address)
     pin_cluster_address()
     nodes = check_capacity(cfg, say)
@@ -154,8 +163,10 @@ def train(cfg: TrainConfig, storage: Storage | None = None, ray_address: str | N
         events.add("driver_start")
         result = make_trainer(cfg, loop_config, storage, run_dir, callbacks or []).fit()
     except BaseException as exc:
-        if mlflow is not None:
-            mlflow.finish(status="FAILED" if isinstance(exc, Exception) else "KILLED")
+        if mlflow is not None and isinstance(exc, Exception):
+            mlflow.finish(status="FAILED")
+        elif mlflow is not None:   # Ctrl-C, SIGTERM: the run ends within seconds, MLflow or not
+            mlflow.interrupted()
         if isinstance(exc, Exception):
             raise explain_failure(exc, cfg) from exc
         raise

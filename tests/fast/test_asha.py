@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from ray_internals import ray_asha_rungs, scheduler_rungs
 
 from pipeline.config import TrainConfig, TuneSettings
 from pipeline.sweep.asha import asha_max_t, asha_rungs
@@ -19,12 +20,9 @@ CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml")
 @pytest.mark.parametrize("grace", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_rungs_are_rays(max_t, grace, factor):
-    from ray.tune.schedulers.async_hyperband import _Bracket
-
     if grace > max_t:
         return
-    ray_rungs = sorted(m for m, _ in _Bracket(grace, max_t, factor, 0)._rungs)
-    assert asha_rungs(max_t, grace, factor) == ray_rungs
+    assert asha_rungs(max_t, grace, factor) == ray_asha_rungs(grace, max_t, factor)
 
 
 def test_the_issues_case():
@@ -86,7 +84,7 @@ def test_shipped_configs(path):
     epochs = TrainConfig(**doc["train"]).recipe.epochs
     lines = []
     scheduler = make_scheduler(settings, epochs, say=lines.append)
-    rungs = [m for m, _ in scheduler._brackets[0]._rungs] if hasattr(scheduler, "_brackets") else []
+    rungs = scheduler_rungs(scheduler)
     assert all(r < epochs for r in rungs)
     if path.name.startswith("imagenet-"):   # 16 epochs, grace 4, factor 2
         assert sorted(rungs) == [4, 8] and "after epoch 4, 8 of 16" in lines[0]
@@ -102,3 +100,20 @@ def test_a_stopped_trial_is_recorded_as_stopped_early():
     assert trial_row(result(16), 16)["stopped_early"] is False
     errored = trial_row(result(3, error=RuntimeError("x")), 16)
     assert errored["status"] == "ERROR" and errored["stopped_early"] is False
+
+
+def test_an_epoch_trained_again_after_a_restart_reaches_tune_once(monkeypatch):
+    """checkpoint_every 2: epoch 3 reported, the group fails in epoch 4 and restarts from the
+    epoch-2 checkpoint, and reports epoch 3 again: Tune hears it once; mid-epoch reports never."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.sweep.tune import epoch_reports_to_tune
+
+    heard = []
+    monkeypatch.setattr(TuneReportCallback, "after_report",
+                        lambda self, ctx, metrics, ckpt: heard.append(metrics[0]["epoch"]))
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)   # no Tune session
+    callback = epoch_reports_to_tune()
+    for epoch, mid in [(1, False), (1, True), (2, False), (3, False), (3, False), (4, False)]:
+        callback.after_report(None, [{"epoch": epoch, "mid_epoch": mid}], None)
+    assert heard == [1, 2, 3, 4]
