@@ -393,9 +393,12 @@ class TrackedRun:
                 self.say(f"[mlflow] warning: could not record the preemptions as a tag "
                          f"({type(exc).__name__}); summary.json has them")
 
+    def _log(self) -> RunLog:
+        return RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say)
+
     def finish(self, summary: dict | None = None, status: str = "FINISHED") -> None:
         """Send held metrics, the final figures, and the end status (FAILED, KILLED...)."""
-        log = RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say)
+        log = self._log()
         if summary is not None:
             final = {f"final_{k}": summary[k] for k in ("val_top1", "val_top5")
                      if summary.get(k) is not None}
@@ -413,7 +416,7 @@ class TrackedRun:
         the user waits for the run to end, not for MLflow. Nothing is lost: held metrics stay in
         the outbox and the resumed run's first log sends them. False when it gave up."""
         def mark():
-            RunLog(self.uri, self.run_id, self.storage, self.outbox, say=self.say).flush(timeout=0)
+            self._log().flush(timeout=0)
             end_run(self.uri, self.run_id, "KILLED")
 
         # a daemon thread: one that is still waiting when the driver exits ends with it

@@ -70,9 +70,12 @@ def maybe_hold(epoch: int, step: int, rank: int, world: int) -> None:
             continue
         if os.path.exists(path) or (want_world and int(want_world[0]) != world):
             continue
-        if rank == 0:
-            with open(path + ".held", "a") as f:
-                f.write(f"{epoch} {step} {world}\n")
+        if rank == 0:   # one O_APPEND write: a reader sees whole lines, never a torn one
+            fd = os.open(path + ".held", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, f"{epoch} {step} {world}\n".encode())
+            finally:
+                os.close(fd)
         deadline = time.monotonic() + HOLD_MAX_S
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.1)
