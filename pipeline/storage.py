@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
+from .holds import hold
 from .retry import RateLimit, retry
 from .s3 import (DEFAULT_OUTAGE_SECONDS, PREFIX_GETS_PER_S, TRANSIENT_CODES,  # noqa: F401
                  S3Settings, bucket_region, describe_s3_error, is_aws_endpoint, is_s3,
@@ -46,6 +47,9 @@ def absolute(uri: str) -> str:
 def sha256_file(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+UPLOAD_HOLD_ENV = "PIPELINE_TEST_UPLOAD_HOLD"
 
 
 class Storage:
@@ -299,9 +303,23 @@ class Storage:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             self._s3_call(uri, self.client.upload_file, str(local_path), bucket, key,
-                          Config=self._transfer_config())
+                          Config=self._transfer_config(), Callback=self._upload_hold(local_path))
             return
         self._write_local(uri, lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def _upload_hold(self, local_path):
+        """Test hook: PIPELINE_TEST_UPLOAD_HOLD=FILE holds an upload in parts once its first
+        bytes are sent, until FILE exists (FILE.held names the file): a test can kill the
+        uploader while its upload is under way, however fast the machine."""
+        path = os.environ.get(UPLOAD_HOLD_ENV)
+        if not path or os.path.getsize(local_path) <= self.s3.multipart_threshold:
+            return None
+        once = threading.Lock()   # acquired by the first callback, of whichever part
+
+        def sent(_bytes):
+            if once.acquire(blocking=False):
+                hold(path, os.path.basename(str(local_path)))
+        return sent
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if is_s3(uri):

@@ -21,7 +21,7 @@ from pipeline.data.stage import HOLD_ENV
 from pipeline.data.shards import plan_digest, plan_shards, shard_task_memory
 from pipeline.data.source import discover
 from pipeline.storage import sha256_file
-from pipeline.storage import Storage
+from pipeline.storage import UPLOAD_HOLD_ENV, Storage
 
 pytestmark = pytest.mark.slow   # real services / Ray clusters
 
@@ -398,9 +398,9 @@ def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, 
 def test_a_stage_killed_mid_upload_leaves_an_upload_that_the_next_run_aborts(
         s3, bucket, s3_storage, ray_cluster, tmp_path):
     """Shards above a lowered multipart threshold: the shard task's worker is killed while it
-    uploads one (found through the cluster's State API). Ray runs the task again and the stage
-    finishes, but the killed upload stays unfinished in the bucket (storage is billed for its
-    parts) until the next run aborts it."""
+    uploads one (held after its first part is under way, found through the cluster's State
+    API). Ray runs the task again and the stage finishes, but the killed upload stays
+    unfinished in the bucket (storage is billed for its parts) until the next run aborts it."""
 
     from pipeline.data.sample_data import generate
 
@@ -413,26 +413,23 @@ def test_a_stage_killed_mid_upload_leaves_an_upload_that_the_next_run_aborts(
     env = {**s3.env(), "RAY_ADDRESS": ray_cluster.address,
            "PIPELINE_MULTIPART_THRESHOLD": str(1024 * 1024)}
     client = s3_storage.client
+    hold = tmp_path / "hold"
 
     def uploads():
         return {u["UploadId"]: u["Key"] for u in
                 client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
 
-    def shard_workers():
-        return {t.worker_pid for t in stage_shard_tasks(ray_cluster.address, "RUNNING")
-                if t.worker_pid}
-
     proc = subprocess.Popen([PIPELINE, *map(str, args)], env={**os.environ, **env,
-                            "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    killed = {}
-    while not killed:
-        wait_for(shard_workers, "a running shard task", 300, proc)
-        under_way = wait_for(uploads, "a multipart upload under way", 300, proc)
-        for pid in shard_workers():
-            os.kill(pid, signal.SIGKILL)
-        # still listed once its uploader is dead: it can never complete now
-        killed = {k: v for k, v in uploads().items() if k in under_way}
+                            "TQDM_DISABLE": "1", UPLOAD_HOLD_ENV: str(hold)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: Path(f"{hold}.held").exists(), "a shard upload held mid-way", 300, proc)
+    killed = uploads()
+    assert killed, "no multipart upload under way while one was held"
+    workers = wait_for(lambda: {t.worker_pid for t in stage_shard_tasks(
+        ray_cluster.address, "RUNNING") if t.worker_pid}, "the held task in the State API", 120, proc)
+    assert len(workers) == 1, workers   # --workers 1
+    os.kill(workers.pop(), signal.SIGKILL)
+    hold.touch()   # the task Ray runs again uploads at once
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]   # Ray ran the killed task again
     first = last_json(stdout)

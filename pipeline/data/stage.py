@@ -6,10 +6,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..config import StageConfig
 from ..errors import UserError
+from ..holds import hold, task_env
 from ..progress import Progress
 from ..ray_connect import connect
 from ..storage import Storage, absolute, join
@@ -132,11 +132,7 @@ def _maybe_hold(written: int) -> None:
     spec = os.environ.get(HOLD_ENV)
     if not spec or int(spec.split(":", 1)[0]) != written:
         return
-    path = spec.split(":", 1)[1]
-    Path(path + ".held").touch()
-    deadline = time.monotonic() + 600
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    hold(spec.split(":", 1)[1], str(written))
 
 
 def stage(cfg: StageConfig, storage: Storage | None = None, ray_address: str | None = None,
@@ -194,7 +190,9 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
             replaced = True
 
     connect(ray_address)
-    task = ray.remote(num_cpus=1, max_retries=3)(_stage_shard_task)
+    task = ray.remote(num_cpus=1, max_retries=3,
+                      **({"runtime_env": {"env_vars": task_env()}} if task_env() else {})
+                      )(_stage_shard_task)
     in_flight_max = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     memory = {p.path: shard_task_memory(p, writer) for p in plans}
     if plans:

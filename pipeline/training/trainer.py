@@ -22,6 +22,7 @@ from torch import nn
 from ..config import Recipe, TrainConfig
 from ..data.loaders import Reads, TrainLoader, val_loader
 from ..data.placement import EpochReads
+from ..holds import hold
 from . import checkpoint
 from .gpu_env import loader_threads
 from .model import build_model, load_weights, param_groups
@@ -54,7 +55,6 @@ def maybe_inject_fault(epoch: int, step: int, rank: int) -> None:
 
 
 HOLD_ENV = "PIPELINE_TEST_HOLD"
-HOLD_MAX_S = 600.0
 
 
 def maybe_hold(epoch: int, step: int, rank: int, world: int) -> None:
@@ -70,15 +70,7 @@ def maybe_hold(epoch: int, step: int, rank: int, world: int) -> None:
             continue
         if os.path.exists(path) or (want_world and int(want_world[0]) != world):
             continue
-        if rank == 0:   # one O_APPEND write: a reader sees whole lines, never a torn one
-            fd = os.open(path + ".held", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, f"{epoch} {step} {world}\n".encode())
-            finally:
-                os.close(fd)
-        deadline = time.monotonic() + HOLD_MAX_S
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        hold(path, f"{epoch} {step} {world}" if rank == 0 else None)
 
 
 # -- the schedules, as plain functions of the recipe ----------------------------------------------
