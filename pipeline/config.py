@@ -285,7 +285,7 @@ class TrainConfig(Settings):
         """Images per optimizer step, a constant of the run (the lr schedule depends on it):
         batch_size x the most workers it may have. With fewer workers (an elastic run before
         its nodes join, or after a node was preempted) each worker takes a larger part of it,
-        in micro-batches of at most batch_size."""
+        in equal micro-batches of half to 1.5 x batch_size (training.trainer.micro_batches)."""
         return self.recipe.batch_size * self.workers_range[1]
 
 
