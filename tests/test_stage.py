@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (PIPELINE, class_from_colour, grey16_png, jpeg_claiming, last_json, png_claiming,
+from helpers import (PIPELINE, Running, class_from_colour, grey16_png, jpeg_claiming, last_json, png_claiming,
                      read_shard, run_cli, upload_tree, wait_for)
 
 from ray_internals import stage_shard_tasks
@@ -337,10 +337,11 @@ def test_untrusted_images_are_skipped_and_recorded(ray_cluster, tmp_path):
 
 
 def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, ray_cluster, tmp_path):
-    """SeaweedFS killed mid-stage and back 5 s later: the stage meets the outage (the warning
-    line), retries, and finishes byte-identical to an undisturbed run. Killed for longer than
-    --s3-outage-minutes: the stage waits that long (not less) and then ends in one line naming
-    the endpoint; the next run finishes the dataset."""
+    """SeaweedFS killed mid-stage (the stage held at its second shard until the server is
+    down) and back once the stage has met the outage (the warning line): it retries and
+    finishes byte-identical to an undisturbed run. Down for longer than --s3-outage-minutes:
+    the stage waits that long (not less) and then ends in one line naming the endpoint; the
+    next run finishes the dataset."""
     from pipeline.ops.local_services import start_seaweedfs
     from pipeline.storage import S3Settings
 
@@ -351,33 +352,36 @@ def test_s3_outage_mid_stage_is_ridden_out_then_fails_in_words(sample_sets, s3, 
     reference = last_json(run_cli(*args, "--dest", tmp_path / "reference", env=env).stdout)
     warning = f"[s3] warning: {server.endpoint} is not answering"
 
-    def parts(prefix):
-        listed = client().list_objects_v2(Bucket="outage", Prefix=f"{prefix}/.parts/")
-        return len(listed.get("Contents", []))
-
     try:
-        proc = subprocess.Popen([PIPELINE, *map(str, args), "--dest", "s3://outage/short"],
-                                env={**os.environ, **env, "TQDM_DISABLE": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: parts("short") >= 2, "two staged shards", 300, proc)
+        # held after its second shard (nothing in flight with --workers 1) until the server is
+        # down: the outage comes mid-stage however fast the machine
+        hold = tmp_path / "hold-short"
+        run = Running(*map(str, args), "--dest", "s3://outage/short",
+                      env={**env, "TQDM_DISABLE": "1", HOLD_ENV: f"2:{hold}"})
+        wait_for(lambda: Path(f"{hold}.held").exists(), "the stage held at its second shard",
+                 300, run.proc)
         server.stop(signal.SIGKILL)
-        time.sleep(5)   # the outage
+        hold.touch()
+        run.wait_for_line(warning)   # met; back within --s3-outage-minutes (3)
         server = server.restart()
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        assert warning in stdout + stderr, (stdout + stderr)[-3000:]   # met, and retried
-        assert last_json(stdout)["splits"] == reference["splits"]
+        code, out = run.finish()
+        assert code == 0, out[-3000:]
+        assert last_json(out)["splits"] == reference["splits"]
         staged = client().get_object(Bucket="outage", Key="short/manifest.json")["Body"].read()
         assert staged == (tmp_path / "reference" / "manifest.json").read_bytes()
 
         bound = 0.3 * 60
+        hold = tmp_path / "hold-long"
         proc = subprocess.Popen([PIPELINE, *map(str, args), "--dest", "s3://outage/long",
                                  "--s3-outage-minutes", "0.3"],
-                                env={**os.environ, **env, "TQDM_DISABLE": "1"},
+                                env={**os.environ, **env, "TQDM_DISABLE": "1",
+                                     HOLD_ENV: f"2:{hold}"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: parts("long") >= 2, "two staged shards", 300, proc)
+        wait_for(lambda: Path(f"{hold}.held").exists(), "the stage held at its second shard",
+                 300, proc)
         down = time.monotonic()
         server.stop(signal.SIGKILL)
+        hold.touch()
         stdout, stderr = proc.communicate(timeout=300)
         waited = time.monotonic() - down
         assert proc.returncode == 2, stderr[-3000:]
