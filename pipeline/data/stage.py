@@ -81,8 +81,8 @@ def already_staged(storage: Storage, cfg, source_uri: str, dest_uri: str) -> Sta
     """The result of a stage with nothing to do, found without listing the source, or None
     when there may be something to do: dest's manifest was made from this source with these
     settings, and every archive it names still has its size and ETag (one HEAD each; a local
-    file its size and mtime), and every shard is there at its size. A source of loose files is compared by one listing of its folder
-    (pages of 1,000 files, no reads)."""
+    file its size and mtime), and every shard is there at its size. A source of loose files is
+    compared by one listing of its folder (pages of 1,000 files, no reads)."""
     from .source import listing_digest
 
     if storage.size(join(dest_uri, MANIFEST)) is None:
@@ -190,9 +190,9 @@ def _stage(cfg, source_uri, dest_uri, storage, ray_address, progress, say, lease
             replaced = True
 
     connect(ray_address)
+    hooks = task_env()
     task = ray.remote(num_cpus=1, max_retries=3,
-                      **({"runtime_env": {"env_vars": task_env()}} if task_env() else {})
-                      )(_stage_shard_task)
+                      **({"runtime_env": {"env_vars": hooks}} if hooks else {}))(_stage_shard_task)
     in_flight_max = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     memory = {p.path: shard_task_memory(p, writer) for p in plans}
     if plans:
